@@ -1,0 +1,318 @@
+"""The training and evaluation loops behind ``train.py`` and ``eval.py``.
+
+``train_and_evaluate(config, workdir)`` builds data, model, optimizer and the sharded step
+from a config, resumes from the latest checkpoint in ``workdir`` if there is one, trains
+with a progress bar, logs JSON lines + TensorBoard, checkpoints, evaluates and writes PNG
+overlays. ``evaluate_workdir(workdir, split)`` restores a run and scores any split.
+"""
+import contextlib
+import json
+import os
+import time
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxseg import data as data_lib
+from jaxseg import losses as losses_lib
+from jaxseg import models as models_lib
+from jaxseg.evaluation import metrics as metrics_lib
+from jaxseg.evaluation import visualize
+from jaxseg.train import checkpoint as ckpt_lib
+from jaxseg.train import optim, sharding, state as state_lib, step as step_lib
+
+CONFIG_FILE = "config.json"
+
+
+class MetricWriter:
+  """JSON lines + TensorBoard events, written by process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # TensorBoard events are optional; JSON lines always exist.
+        self._tb = None
+
+  def write(self, step: int, scalars: Dict[str, float], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if np.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self):
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir} does not exist (train first: python train.py "
+                            f"--workdir {workdir})")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a jaxseg training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+  """Set ``config.<dotted key>`` from a command-line string (Python literal or plain string)."""
+  import ast
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise KeyError(f"config has no entry {key!r}")
+    node = node[p]
+  with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+    node[leaf] = parsed
+
+
+def build_loss(config) -> Callable:
+  return losses_lib.get(config.loss, **dict(config.get("loss_kwargs", None) or {}))
+
+
+def build_model(config, num_classes: int):
+  return models_lib.build(config.model, num_classes=num_classes,
+                          **dict(config.get("model_kwargs", None) or {}))
+
+
+def load_split(config, split: str):
+  return data_lib.load(config.dataset, split, data_dir=config.get("data_dir", None),
+                       **dict(config.get("builder_kwargs", None) or {}))
+
+
+def _image_size(config, source) -> Tuple[int, int]:
+  if config.get("crop_size", None):
+    return tuple(config.crop_size)
+  return tuple(source[0]["image"].shape[:2])
+
+
+def initial_state(config, model, num_steps: int, image_hw, rng) -> state_lib.TrainState:
+  tx = optim.make_optimizer(config.optimizer, num_steps)
+  dummy = jnp.zeros((1, *image_hw, 3), jnp.float32)
+  return state_lib.create_train_state(rng, model, tx, dummy)
+
+
+def make_postprocess(config) -> Optional[Callable]:
+  """Optional dense-CRF post-processing of eval logits (``config.crf``, DeepLab style)."""
+  crf = config.get("crf", None)
+  if not crf or not crf.get("enabled", False):
+    return None
+  from jaxseg.losses import dense_crf
+  kwargs = {k: v for k, v in dict(crf).items() if k != "enabled"}
+
+  def postprocess(logits, batch):
+    return jnp.log(jnp.maximum(dense_crf(logits, batch["image"], **kwargs), 1e-8))
+
+  return postprocess
+
+
+def evaluate(eval_step, state, batches: Iterator[Dict], num_classes: int, *,
+             keep_examples: int = 0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+  """Sum the confusion matrix over ``batches``; keep the first ``keep_examples`` for plots."""
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  kept = {"image": [], "mask": [], "prediction": []}
+  n_kept = 0
+  for batch in batches:
+    batch = {k: v for k, v in batch.items() if k in ("image", "mask", "valid")}
+    out = eval_step(state, batch)
+    cm += np.asarray(jax.device_get(out["confusion"]), np.int64)
+    if n_kept < keep_examples:
+      preds = sharding.to_local_numpy(out["predictions"])
+      real = batch["valid"].reshape(len(preds), -1).any(1) if "valid" in batch else slice(None)
+      take = slice(0, keep_examples - n_kept)
+      kept["image"].append(np.asarray(batch["image"])[real][take])
+      kept["mask"].append(np.asarray(batch["mask"])[real][take])
+      kept["prediction"].append(preds[real][take])
+      n_kept += len(kept["image"][-1])
+  kept = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in kept.items()}
+  return cm, kept
+
+
+def _eval_batches(config, source):
+  return data_lib.eval_batches(
+      source, batch_size=config.eval_batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      label_kinds=("mask",))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Train ``config`` in ``workdir`` (resuming if checkpoints exist) and evaluate.
+
+  Returns the final validation summary (mIoU, pixel accuracy, per-class IoU).
+  """
+  is_main = jax.process_index() == 0
+  if is_main:
+    save_config(config, workdir)
+  rng = jax.random.key(config.seed)
+  train_src = load_split(config, config.train_split)
+  eval_src = load_split(config, config.eval_split)
+  num_classes = train_src.num_classes
+  class_names = list(train_src.class_names)
+  model = build_model(config, num_classes)
+  num_steps = int(config.num_steps)
+  image_hw = _image_size(config, train_src)
+
+  init_rng, rng = jax.random.split(rng)
+  state = initial_state(config, model, num_steps, image_hw, init_rng)
+  mesh = sharding.make_mesh()
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
+                               max_to_keep=config.keep_checkpoints)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, rng, meta = ckpt.restore(state)
+    start_step = int(meta["data_step"])
+    if is_main:
+      print(f"Resumed from {ckpt.directory}/{meta['step']} (step {start_step}).", flush=True)
+
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+  loss_fn = build_loss(config)
+  pmap = config.get("parallel", "jit") == "pmap"
+  train_step = step_lib.make_train_step(
+      loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
+      aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes)
+  state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
+  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config))
+
+  def host_state():
+    return step_lib.unreplicate_state(state) if pmap else state
+
+  batches = data_lib.train_batches(
+      train_src, batch_size=config.batch_size // jax.process_count(),
+      crop_size=config.get("crop_size", None), seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      label_kinds=config.get("label_kinds", None), **dict(config.get("augment", None) or {}))
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  pbar = _progress(num_steps, start_step, is_main)
+  summary: Dict[str, float] = {}
+  last_t, last_step = time.perf_counter(), start_step
+  step = start_step
+  try:
+    for step in range(start_step, num_steps):
+      batch = next(batches)
+      state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
+      done = step + 1
+      if done % config.log_every == 0 or done == num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        metrics["images_per_sec"] = (done - last_step) * config.batch_size / (now - last_t)
+        last_t, last_step = now, done
+        writer.write(done, metrics, prefix="train/")
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                           img_s=f"{metrics['images_per_sec']:.1f}", refresh=False)
+      if pbar is not None:
+        pbar.update(1)
+      if done % config.checkpoint_every == 0 or done == num_steps:
+        ckpt.save(host_state(), rng=rng, data_step=done)
+      if done % config.eval_every == 0 or done == num_steps:
+        cm, _ = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes)
+        summary = metrics_lib.summarize(cm, class_names)
+        writer.write(done, summary, prefix="val/")
+        if pbar is not None:
+          pbar.write(f"step {done}: val mIoU {100 * summary['miou']:.2f}  "
+                     f"pixel acc. {100 * summary['pixel_accuracy']:.2f}")
+  except KeyboardInterrupt:
+    # Keep the work done so far: the next run resumes exactly from here.
+    if step > start_step:
+      ckpt.save(host_state(), rng=rng, data_step=step + 1, force=True)
+    ckpt.close()
+    raise
+  finally:
+    if pbar is not None:
+      pbar.close()
+    writer.close()
+  ckpt.close()
+
+  if step + 1 > start_step or not summary:
+    cm, kept = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes,
+                        keep_examples=config.get("num_overlays", 8))
+    summary = metrics_lib.summarize(cm, class_names)
+    if is_main:
+      _write_eval_outputs(workdir, config.eval_split, cm, class_names, kept, num_classes)
+  return summary
+
+
+def _write_eval_outputs(workdir, split, cm, class_names, kept, num_classes, prefix="") -> None:
+  os.makedirs(workdir, exist_ok=True)
+  summary = metrics_lib.summarize(cm, class_names)
+  table = metrics_lib.format_iou_table(cm, class_names)
+  print(f"\n{prefix}{split} split:\n{table}", flush=True)
+  with open(os.path.join(workdir, f"{prefix}{split}_metrics.json"), "w") as f:
+    json.dump({**summary, "confusion_matrix": np.asarray(cm).tolist(),
+               "class_names": list(class_names)}, f, indent=2)
+  if len(kept["image"]):
+    path = os.path.join(workdir, f"{prefix}{split}_overlays.png")
+    visualize.save_overlay_grid(path, kept["image"], kept["mask"], kept["prediction"], num_classes)
+    print(f"Overlays (image | ground truth | prediction): {path}", flush=True)
+
+
+def evaluate_workdir(workdir: str, split: Optional[str] = None, *,
+                     config: Optional[ml_collections.ConfigDict] = None,
+                     step: Optional[int] = None) -> Dict[str, float]:
+  """Restore the latest (or given) checkpoint of ``workdir`` and score ``split``.
+
+  Prints the per-class IoU table and writes ``eval_<split>_metrics.json`` and
+  ``eval_<split>_overlays.png`` into the workdir. Nothing else on disk is touched.
+  """
+  config = load_config(workdir) if config is None else config
+  split = split or config.eval_split
+  src = load_split(config, split)
+  num_classes = src.num_classes
+  model = build_model(config, num_classes)
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), read_only=True)
+  if ckpt.latest_step() is None:
+    raise ckpt_lib.CheckpointError(f"no checkpoint in {ckpt.directory}: nothing to evaluate")
+  mesh = sharding.make_mesh()
+  state = initial_state(config, model, int(config.num_steps), _image_size(config, src),
+                        jax.random.key(0))
+  state, _, meta = ckpt.restore(state, step=step)
+  state = sharding.replicate(state, mesh)
+  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config))
+  cm, kept = evaluate(eval_step, state, _eval_batches(config, src), num_classes,
+                      keep_examples=config.get("num_overlays", 8))
+  if jax.process_index() == 0:
+    print(f"Checkpoint step {meta['step']} from {ckpt.directory}")
+    _write_eval_outputs(workdir, split, cm, list(src.class_names), kept, num_classes,
+                        prefix="eval_")
+  ckpt.close()
+  return metrics_lib.summarize(cm, list(src.class_names))

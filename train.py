@@ -1,0 +1,51 @@
+"""Train a jaxseg model from a config file.
+
+  python train.py                                   # UNet on the embedded shapes dataset
+  python train.py --config jaxseg/configs/unet_shapes.py:smoke --workdir /tmp/run
+  python train.py --config.num_steps=2000 --config.loss=partial_cross_entropy
+
+A workdir that holds checkpoints is resumed exactly where it stopped.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "jaxseg", "configs", "unet_shapes.py")
+
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path.py or path.py:variant).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output folder (default: runs/<recipe>).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+FLAGS = flags.FLAGS
+
+
+def recipe_name(config_arg: str) -> str:
+  """``jaxseg/configs/unet_shapes.py:smoke`` -> ``unet_shapes_smoke``."""
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f"{name}_{variant}" if variant else name
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+  if FLAGS.distributed:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from jaxseg.train import loop
+  config_arg = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") else DEFAULT_CONFIG
+  workdir = FLAGS.workdir or os.path.join("runs", recipe_name(config_arg))
+  if jax.process_index() == 0:
+    print(f"jaxseg: {FLAGS.config.model} on {FLAGS.config.dataset}, {jax.device_count()} "
+          f"device(s), {jax.process_count()} process(es); workdir {workdir}", flush=True)
+  loop.train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
