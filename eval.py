@@ -6,7 +6,7 @@ Prints the per-class IoU table and writes eval_<split>_metrics.json and
 eval_<split>_overlays.png into the workdir. ``--config.key=value`` overrides entries of the
 run's saved config (e.g. ``--config.crf.enabled=True`` for dense-CRF post-processing).
 """
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.",
                     required=True)
@@ -17,6 +17,8 @@ _OVERRIDES = []
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jaxseg.train import loop

@@ -32,7 +32,7 @@ def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def overlay_grid(images: np.ndarray, masks: Optional[np.ndarray], predictions: np.ndarray,
-                 num_classes: int, *, alpha: float = 0.55, gap: int = 2) -> np.ndarray:
+                 num_classes: int, *, alpha: float = 0.7, gap: int = 2) -> np.ndarray:
   """One row per example: image | ground truth over image | prediction over image.
 
   Args:

@@ -172,10 +172,18 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: Optional[int] = None) -> Dict[str, float]:
   """Train ``config`` in ``workdir`` (resuming if checkpoints exist) and evaluate.
 
-  Returns the final validation summary (mIoU, pixel accuracy, per-class IoU).
+  Args:
+    config: the recipe (see ``jaxseg/configs``).
+    workdir: checkpoints, metrics, TensorBoard events and overlays go here.
+    stop_at_step: leave after this many steps with a checkpoint, as a preempted job would;
+      a later call resumes and ends exactly like an uninterrupted run.
+
+  Returns the final validation summary (mIoU, pixel accuracy, per-class IoU); an empty dict
+  when stopped early.
   """
   is_main = jax.process_index() == 0
   if is_main:
@@ -223,7 +231,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   writer = MetricWriter(workdir, enabled=is_main)
   pbar = _progress(num_steps, start_step, is_main)
-  summary: Dict[str, float] = {}
   last_t, last_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -242,9 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                            img_s=f"{metrics['images_per_sec']:.1f}", refresh=False)
       if pbar is not None:
         pbar.update(1)
-      if done % config.checkpoint_every == 0 or done == num_steps:
+      if done % config.checkpoint_every == 0 or done in (num_steps, stop_at_step):
         ckpt.save(host_state(), rng=rng, data_step=done)
-      if done % config.eval_every == 0 or done == num_steps:
+      if done == stop_at_step:
+        break
+      if done % config.eval_every == 0 and done < num_steps:
         cm, _ = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes)
         summary = metrics_lib.summarize(cm, class_names)
         writer.write(done, summary, prefix="val/")
@@ -262,13 +271,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       pbar.close()
     writer.close()
   ckpt.close()
+  if stop_at_step is not None and step + 1 == stop_at_step < num_steps:
+    return {}
 
-  if step + 1 > start_step or not summary:
-    cm, kept = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes,
-                        keep_examples=config.get("num_overlays", 8))
-    summary = metrics_lib.summarize(cm, class_names)
-    if is_main:
-      _write_eval_outputs(workdir, config.eval_split, cm, class_names, kept, num_classes)
+  cm, kept = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes,
+                      keep_examples=config.get("num_overlays", 8))
+  summary = metrics_lib.summarize(cm, class_names)
+  if is_main:
+    writer = MetricWriter(workdir)
+    writer.write(num_steps, summary, prefix="val/")
+    writer.close()
+    _write_eval_outputs(workdir, config.eval_split, cm, class_names, kept, num_classes)
   return summary
 
 

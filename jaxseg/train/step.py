@@ -91,7 +91,7 @@ def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight):
 def train_step_fn(state: TrainState, batch, rng, *, loss_fn: Callable, aux_weight: float):
   """The pure train step (no parallelism): forward, loss, backward, optimizer update."""
   grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
@@ -114,7 +114,7 @@ def _pmap_step_fn(state, batch, rng, *, loss_fn, aux_weight):
     grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight)
   grads = jax.lax.pmean(grads, PMAP_AXIS)
   metrics = jax.lax.pmean(metrics, PMAP_AXIS)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
