@@ -87,3 +87,34 @@ def partial_cross_entropy(logits: jax.Array, batch: dict, *,
   """
   return cross_entropy(logits, batch, class_weights=class_weights,
                        ignore_index=ignore_index, label_key=label_key)
+
+
+def median_frequency_weights(masks, num_classes: int, *, ignore_index: int = IGNORE_INDEX):
+  """Median-frequency class balancing (Eigen & Fergus; the SegNet CamVid recipe).
+
+  ``freq[c]`` = pixels of class c / pixels of the images in which c appears, and
+  ``w[c] = median(freq) / freq[c]``. Classes that never appear get weight 0.
+
+  Args:
+    masks: iterable of int label maps [H,W] (or [N,H,W]); ``ignore_index`` is skipped.
+    num_classes: C.
+
+  Returns:
+    float32 NumPy array [C].
+  """
+  import numpy as np
+  class_pixels = np.zeros(num_classes, np.float64)
+  image_pixels = np.zeros(num_classes, np.float64)
+  for m in masks:
+    m = np.asarray(m)
+    for img in m.reshape((-1,) + m.shape[-2:]):
+      lab = img[img != ignore_index]
+      counts = np.bincount(lab.ravel(), minlength=num_classes)[:num_classes]
+      class_pixels += counts
+      image_pixels += np.where(counts > 0, lab.size, 0)
+  present = class_pixels > 0
+  if not present.any():
+    raise ValueError("median_frequency_weights: no labelled pixel in the given masks")
+  freq = np.where(present, class_pixels / np.maximum(image_pixels, 1), 0.0)
+  weights = np.where(present, np.median(freq[present]) / np.where(present, freq, 1.0), 0.0)
+  return weights.astype(np.float32)

@@ -96,8 +96,22 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> N
     node[leaf] = parsed
 
 
-def build_loss(config) -> Callable:
-  return losses_lib.get(config.loss, **dict(config.get("loss_kwargs", None) or {}))
+def build_loss(config, train_source=None) -> Callable:
+  """The configured loss with its keyword hyperparameters bound.
+
+  ``loss_kwargs.class_weights = "median_frequency"`` is computed from the train masks.
+  """
+  kwargs = dict(config.get("loss_kwargs", None) or {})
+  if kwargs.get("class_weights") == "median_frequency":
+    if train_source is None:
+      raise ValueError("class_weights='median_frequency' needs the training data")
+    kwargs["class_weights"] = tuple(float(w) for w in losses_lib.supervised.median_frequency_weights(
+        (train_source[i]["mask"] for i in range(len(train_source))), train_source.num_classes))
+    if jax.process_index() == 0:
+      print("median-frequency class weights: "
+            + ", ".join(f"{n} {w:.3f}" for n, w in zip(train_source.class_names,
+                                                       kwargs["class_weights"])), flush=True)
+  return losses_lib.get(config.loss, **kwargs)
 
 
 def build_model(config, num_classes: int):
@@ -212,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices")
-  loss_fn = build_loss(config)
+  loss_fn = build_loss(config, train_src)
   pmap = config.get("parallel", "jit") == "pmap"
   train_step = step_lib.make_train_step(
       loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
@@ -236,6 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start_step, num_steps):
       batch = next(batches)
+      # Losses with a warm-up (scribble_loss, box_loss) read the step from the batch.
+      batch["step"] = np.full((len(batch["image"]),), step, np.int32)
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       done = step + 1
       if done % config.log_every == 0 or done == num_steps:

@@ -1,0 +1,87 @@
+"""mIoU from full masks vs weak labels: same model, schedule and seed; only the loss and the
+label kinds the trainer sees change (weak runs never see a mask; scoring uses val masks).
+
+  python bench/weak_supervision.py                                   # embedded shapes dataset
+  python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 800
+  python bench/weak_supervision.py --modes full,scribble_crf --set num_steps=300
+
+Prints one row per supervision with its mIoU and the ratio to full supervision, and writes
+``summary.json`` under ``--root``.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxseg.train import loop  # noqa: E402
+
+# (label kinds the trainer may read, loss name, loss kwargs)
+MODES = {
+    "full": (("mask",), "cross_entropy", {}),
+    "scribble_pce": (("scribble",), "partial_cross_entropy", {}),
+    "scribble_crf": (("scribble",), "scribble_loss",
+                     dict(kernel="local", pairwise_weight=0.1, sigma_xy=6.0, sigma_rgb=0.1,
+                          radius=5)),
+    "boxes": (("boxes", "box_classes"), "box_loss", dict(mode="bbox_seg")),
+    "tags": (("tags",), "image_level_loss", {}),
+}
+
+
+def load_config(spec):
+  """``path.py[:variant]`` -> the recipe's ConfigDict."""
+  path, _, variant = spec.partition(":")
+  s = importlib.util.spec_from_file_location("recipe", path)
+  module = importlib.util.module_from_spec(s)
+  s.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="jaxseg/configs/unet_shapes.py")
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--steps", type=int, default=None, help="override num_steps")
+  p.add_argument("--set", action="append", default=[], help="key=value config override")
+  p.add_argument("--root", default="runs/weak_supervision")
+  args = p.parse_args()
+  modes = args.modes.split(",")
+  unknown = [m for m in modes if m not in MODES]
+  if unknown:
+    p.error(f"unknown modes {unknown}; valid: {', '.join(MODES)}")
+  results = {}
+  name = os.path.splitext(os.path.basename(args.config.partition(':')[0]))[0]
+  variant = args.config.partition(":")[2]
+  root = os.path.join(args.root, name + (f"_{variant}" if variant else ""))
+  for mode in modes:
+    kinds, loss, kwargs = MODES[mode]
+    config = load_config(args.config)
+    if args.steps:
+      config.num_steps = args.steps
+    for kv in args.set:
+      key, _, value = kv.partition("=")
+      loop.apply_override(config, key, value)
+    config.label_kinds = kinds
+    config.loss = loss
+    config.loss_kwargs = kwargs
+    config.eval_every = config.num_steps + 1
+    t0 = time.time()
+    summary = loop.train_and_evaluate(config, os.path.join(root, mode))
+    results[mode] = {"miou": summary["miou"], "minutes": (time.time() - t0) / 60,
+                     "loss": loss, "loss_kwargs": kwargs}
+    print(f"== {mode}: mIoU {100 * summary['miou']:.2f}", flush=True)
+  full = results.get("full", {}).get("miou")
+  print(f"\n{args.config}, {config.num_steps} steps, seed {config.seed}")
+  print(f"{'supervision':<14} {'loss':<24} {'mIoU':>6} {'/ full':>7} {'min':>5}")
+  for mode, r in results.items():
+    ratio = f"{r['miou'] / full:.3f}" if full else "  n/a"
+    print(f"{mode:<14} {r['loss']:<24} {100 * r['miou']:6.2f} {ratio:>7} {r['minutes']:5.1f}")
+  with open(os.path.join(root, "summary.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
