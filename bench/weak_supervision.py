@@ -24,7 +24,7 @@ MODES = {
     "full": (("mask",), "cross_entropy", {}),
     "scribble_pce": (("scribble",), "partial_cross_entropy", {}),
     "scribble_crf": (("scribble",), "scribble_loss",
-                     dict(kernel="local", pairwise_weight=0.1, sigma_xy=6.0, sigma_rgb=0.1,
+                     dict(kernel="local", pairwise_weight=0.1, sigma_xy=6.0, sigma_rgb=5.8,
                           radius=5)),
     "boxes": (("boxes", "box_classes"), "box_loss", dict(mode="bbox_seg")),
     "tags": (("tags",), "image_level_loss", {}),

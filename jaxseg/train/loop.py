@@ -145,7 +145,8 @@ def make_postprocess(config) -> Optional[Callable]:
   kwargs = {k: v for k, v in dict(crf).items() if k != "enabled"}
 
   def postprocess(logits, batch):
-    return jnp.log(jnp.maximum(dense_crf(logits, batch["image"], **kwargs), 1e-8))
+    probs = dense_crf(logits, batch["image"], valid=batch.get("valid"), **kwargs)
+    return jnp.log(jnp.maximum(probs, 1e-8))
 
   return postprocess
 

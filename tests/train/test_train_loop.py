@@ -92,6 +92,13 @@ def test_train_and_eval_scripts_end_to_end(tmp_path, data_dir):
   assert 0.0 <= result["miou"] <= 1.0 and len(result["confusion_matrix"]) == 5
   assert (workdir / "eval_train_overlays.png").is_file()
 
+  # DeepLab-style dense-CRF post-processing, switched on from the command line.
+  r = _run("eval.py", f"--workdir={workdir}", "--config.crf.enabled=True",
+           "--config.crf.iterations=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  crf = json.loads((workdir / "eval_validation_metrics.json").read_text())
+  assert 0.0 <= crf["miou"] <= 1.0
+
 
 def test_eval_without_workdir_is_a_clear_error(tmp_path):
   r = _run("eval.py", f"--workdir={tmp_path / 'missing'}")

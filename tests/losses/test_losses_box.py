@@ -1,0 +1,277 @@
+"""Box losses: rasterisation, WSSL E-steps, Bbox-Seg targets, BoxInst terms."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from jaxseg.losses import box_loss
+from jaxseg.losses import box as box_lib
+
+
+@functools.lru_cache(maxsize=None)
+def _terms(**kwargs):
+  return jax.jit(functools.partial(box_lib.boxinst_terms, **kwargs))
+
+
+def _boxes():
+  boxes = np.array([[[2, 3, 9, 12], [12, 1, 18, 7], [0, 0, 0, 0]],
+                    [[4, 4, 15, 15], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32)
+  classes = np.array([[1, 3, -1], [2, -1, -1]], np.int32)
+  return boxes, classes
+
+
+def _numpy_class_masks(boxes, classes, c, h, w):
+  out = np.zeros((boxes.shape[0], h, w, c), bool)
+  for n in range(boxes.shape[0]):
+    for (y0, x0, y1, x1), k in zip(boxes[n].astype(int), classes[n]):
+      if k >= 0:
+        out[n, y0:y1 + 1, x0:x1 + 1, k] = True
+  return out
+
+
+def test_rasterisation_is_inclusive_and_skips_padding():
+  boxes, classes = _boxes()
+  ours = box_lib.class_box_masks(jnp.asarray(boxes), jnp.asarray(classes), 4, 20, 20)
+  np.testing.assert_array_equal(ours, _numpy_class_masks(boxes, classes, 4, 20, 20))
+  masks = box_lib.rasterize_boxes(jnp.asarray(boxes), jnp.asarray(classes), 20, 20)
+  assert int(masks[0, 0].sum()) == 8 * 10 and int(masks[0, 2].sum()) == 0
+
+
+def test_em_fixed_large_biases_give_the_box_labels():
+  rng = np.random.default_rng(0)
+  boxes, classes = _boxes()
+  logits = rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32)
+  labels = box_lib.bbox_em_fixed_targets(jnp.asarray(logits), boxes, classes, bg_bias=100.0,
+                                         fg_bias=1000.0)
+  expected = np.zeros((2, 20, 20), int)
+  masks = _numpy_class_masks(boxes, classes, 4, 20, 20)
+  for k in range(1, 4):
+    expected[masks[..., k]] = k
+  np.testing.assert_array_equal(labels, expected)
+  # With the proto biases, confident network scores win over the biases.
+  logits = np.zeros((2, 20, 20, 4), np.float32)
+  logits[..., 2] = 10.0
+  labels = box_lib.bbox_em_fixed_targets(jnp.asarray(logits), boxes, classes)
+  assert bool(jnp.all(labels == 2))
+  # Exactly the bias arithmetic at a neutral network: bg (1) loses to fg (2) inside boxes.
+  labels = box_lib.bbox_em_fixed_targets(jnp.zeros((2, 20, 20, 4)), boxes, classes)
+  np.testing.assert_array_equal(labels, expected)
+
+
+def test_em_fixed_loss_is_cross_entropy_on_the_targets():
+  rng = np.random.default_rng(1)
+  boxes, classes = _boxes()
+  logits = rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32)
+  batch = {"boxes": boxes, "box_classes": classes}
+  labels = np.asarray(box_lib.bbox_em_fixed_targets(jnp.asarray(logits), boxes, classes))
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  expected = -np.mean(np.take_along_axis(logp, labels[..., None], -1))
+  assert float(box_loss(logits, batch, mode="em_fixed")) == pytest.approx(expected, rel=1e-5)
+  grad = jax.grad(functools.partial(box_loss, mode="em_fixed"))(jnp.asarray(logits), batch)
+  onehot = np.eye(4)[labels]
+  np.testing.assert_allclose(grad, (np.exp(logp) - onehot) / labels.size, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_em_adapt_guarantees_the_portion_for_two_classes(seed):
+  rng = np.random.default_rng(seed)
+  boxes = np.array([[[3, 3, 12, 12]]], np.float32)
+  classes = np.array([[2]], np.int32)
+  logits = rng.normal(0, 1, (1, 16, 16, 4)).astype(np.float32)
+  logits[..., seed % 4] += 5.0  # the network strongly prefers one class (maybe absent)
+  portion = 0.3
+  labels = np.asarray(box_lib.bbox_em_adapt_targets(jnp.asarray(logits), boxes, classes,
+                                                     bg_portion=portion, fg_portion=portion))
+  k = int(np.floor(portion * 256))
+  assert np.sum(labels == 0) >= k and np.sum(labels == 2) >= k
+  assert set(np.unique(labels)) <= {0, 2}  # absent classes never win
+
+
+def test_em_adapt_last_class_and_valid_pixels():
+  rng = np.random.default_rng(7)
+  boxes = np.array([[[0, 0, 5, 5], [6, 6, 9, 9]]], np.float32)
+  classes = np.array([[1, 3]], np.int32)
+  logits = rng.normal(0, 1, (1, 10, 10, 4)).astype(np.float32)
+  valid = np.zeros((1, 10, 10), bool)
+  valid[:, :8, :] = True
+  labels = np.asarray(box_lib.bbox_em_adapt_targets(jnp.asarray(logits), boxes, classes, valid,
+                                                     fg_portion=0.25))
+  # The last class adjusted holds its floor(0.25 * 80) valid pixels.
+  assert np.sum((labels == 3) & valid) >= 20
+
+
+def _reference_bbox_seg(boxes, classes, c, h, w, erode_scale=0.2):
+  """A loop-and-erode reimplementation of WSSL's MATLAB (without the occluder bias)."""
+  prob = np.full((h, w, c), 1e-12)
+  count = np.zeros((h, w, c))
+  outside = np.ones((h, w), bool)
+  for (y0, x0, y1, x1), k in zip(boxes.astype(int), classes):
+    if k < 0:
+      continue
+    outside[y0:y1 + 1, x0:x1 + 1] = False
+    bh, bw = y1 - y0 + 1, x1 - x0 + 1
+    core = np.zeros((h, w), bool)
+    if bh * bw < 121 or bh < 10 or bw < 10:
+      core[y0:y1 + 1, x0:x1 + 1] = True
+    else:
+      mask = np.zeros((h, w), bool)
+      mask[y0:y1 + 1, x0:x1 + 1] = True
+      mask[0], mask[-1], mask[:, 0], mask[:, -1] = False, False, False, False
+      core = ndi.binary_erosion(mask, np.ones((3, 3)))
+      while core.sum() / mask.sum() >= erode_scale + 0.05:
+        core = ndi.binary_erosion(core, np.ones((3, 3)))
+    fg = np.where(core, 0.75, 0.5)[y0:y1 + 1, x0:x1 + 1]
+    prob[y0:y1 + 1, x0:x1 + 1, k] += fg
+    prob[y0:y1 + 1, x0:x1 + 1, 0] += 1 - fg
+    count[y0:y1 + 1, x0:x1 + 1, k] += 1
+    count[y0:y1 + 1, x0:x1 + 1, 0] += 1
+  prob[outside, 0] += 1 - 1e-12
+  count[outside, 0] += 1
+  prob = np.where(count > 0, prob / np.maximum(count, 1), prob)
+  return prob / prob.sum(-1, keepdims=True)
+
+
+def test_bbox_seg_targets_match_the_erosion_loop():
+  boxes = np.array([[[2, 2, 21, 21], [10, 12, 29, 35], [0, 20, 13, 39], [30, 1, 34, 5]]],
+                   np.float32)  # plain, overlapping, touching the border, too small
+  classes = np.array([[1, 2, 1, 3]], np.int32)
+  ours = box_lib.bbox_seg_targets(jnp.asarray(boxes), jnp.asarray(classes), 4, 36, 40)
+  ref = _reference_bbox_seg(boxes[0], classes[0], 4, 36, 40)
+  np.testing.assert_allclose(np.asarray(ours)[0], ref, atol=1e-6)
+  # A 20x20 box: 6 erosions leave an 8x8 core (16% < 25%) at P = 0.75.
+  assert float(ours[0, 8, 8, 1]) == pytest.approx(0.75, abs=1e-6)
+  assert float(ours[0, 7, 7, 1]) == pytest.approx(0.5, abs=1e-6)
+  assert float(ours[0, 35, 39, 0]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("h,w", [(10, 10), (12, 30), (57, 13), (100, 100)])
+def test_erosion_steps_closed_form(h, w):
+  steps = 1
+  while (h - 2 * steps) * (w - 2 * steps) >= 0.25 * h * w:
+    steps += 1
+  assert float(box_lib._erosion_steps(jnp.float32(h), jnp.float32(w), 0.25)) == steps
+
+
+def test_bbox_seg_loss_is_soft_cross_entropy():
+  rng = np.random.default_rng(2)
+  boxes, classes = _boxes()
+  logits = rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32)
+  target = np.asarray(box_lib.bbox_seg_targets(jnp.asarray(boxes), jnp.asarray(classes), 4, 20, 20))
+  expected = -np.mean(np.sum(target * np.asarray(jax.nn.log_softmax(logits, -1)), -1))
+  ours = box_loss(logits, {"boxes": boxes, "box_classes": classes}, mode="bbox_seg")
+  assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rgb_to_lab_matches_skimage():
+  skcolor = pytest.importorskip("skimage.color")
+  rng = np.random.default_rng(3)
+  rgb = rng.random((4, 5, 3)).astype(np.float32)
+  rgb[0, 0] = [0, 0, 0]
+  rgb[0, 1] = [1, 1, 1]
+  rgb[0, 2] = [0.01, 0.02, 0.005]  # the linear branches
+  np.testing.assert_allclose(box_lib.rgb_to_lab(jnp.asarray(rgb)), skcolor.rgb2lab(rgb), atol=2e-3)
+
+
+def _boxinst_batch(seed, size=16):
+  rng = np.random.default_rng(seed)
+  image = np.zeros((1, size, size, 3), np.float32)
+  image[:, 3:11, 4:13] = [0.9, 0.1, 0.1]
+  image = np.clip(image + rng.normal(0, 0.01, image.shape), 0, 1).astype(np.float32)
+  boxes = np.array([[[3, 4, 10, 12], [0, 0, 0, 0]]], np.float32)
+  classes = np.array([[1, -1]], np.int32)
+  return {"image": image, "boxes": boxes, "box_classes": classes}
+
+
+def test_boxinst_projection_zero_when_mask_is_the_box_and_pairwise_zero_when_saturated():
+  batch = _boxinst_batch(0)
+  in_box = _numpy_class_masks(batch["boxes"], batch["box_classes"], 2, 16, 16)[..., 1]
+  logits = np.where(in_box[..., None], [-40.0, 40.0], [40.0, -40.0]).astype(np.float32)
+  proj, pair = _terms()(jnp.asarray(logits), batch)
+  assert float(proj) == pytest.approx(0.0, abs=1e-4)
+  saturated = np.broadcast_to(np.array([-40.0, 40.0], np.float32), (1, 16, 16, 2))
+  _, pair = _terms()(jnp.asarray(saturated), batch)
+  assert float(pair) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_boxinst_pairwise_matches_brute_force():
+  skcolor = pytest.importorskip("skimage.color")
+  batch = _boxinst_batch(1)
+  rng = np.random.default_rng(4)
+  logits = rng.normal(0, 2, (1, 16, 16, 3)).astype(np.float32)
+  _, pair = _terms(color_threshold=0.3)(jnp.asarray(logits), batch)
+  lab = skcolor.rgb2lab(batch["image"][0].astype(np.float64))
+  p = np.asarray(jax.nn.softmax(logits.astype(np.float64), -1))[0]
+  in_box = _numpy_class_masks(batch["boxes"], batch["box_classes"], 3, 16, 16)[0]
+  total, edges = 0.0, 0
+  for y in range(16):
+    for x in range(16):
+      for dy in (-2, 0, 2):
+        for dx in (-2, 0, 2):
+          yy, xx = y + dy, x + dx
+          if (dy, dx) == (0, 0) or not (0 <= yy < 16 and 0 <= xx < 16):
+            continue
+          if np.exp(-np.linalg.norm(lab[y, x] - lab[yy, xx]) / 2) < 0.3:
+            continue
+          for k in range(3):
+            if in_box[y, x, k]:
+              same = p[y, x, k] * p[yy, xx, k] + (1 - p[y, x, k]) * (1 - p[yy, xx, k])
+              total += -np.log(same)
+              edges += 1
+  assert edges > 0
+  assert float(pair) == pytest.approx(total / edges, rel=1e-4)
+  # The weight sum is the count of in-box directed edges with similarity >= tau.
+  sim = box_lib.color_similarity(jnp.asarray(batch["image"]), jnp.ones((1, 16, 16)),
+                                 box_lib.neighbour_offsets(3, 2))
+  weights = (np.asarray(sim)[0] >= 0.3) * in_box[..., 1:2]
+  assert int(weights.sum()) == edges
+
+
+def test_boxinst_projection_matches_dice_by_hand():
+  batch = _boxinst_batch(2)
+  rng = np.random.default_rng(5)
+  logits = rng.normal(0, 2, (1, 16, 16, 2)).astype(np.float32)
+  proj, _ = _terms()(jnp.asarray(logits), batch)
+  p = np.asarray(jax.nn.softmax(logits, -1))[0, ..., 1].astype(np.float64)
+  b = _numpy_class_masks(batch["boxes"], batch["box_classes"], 2, 16, 16)[0, ..., 1].astype(float)
+  dice = lambda x, t: 1 - 2 * np.sum(x * t) / (np.sum(x * x) + np.sum(t * t) + 1e-5)
+  expected = dice(p.max(0), b.max(0)) + dice(p.max(1), b.max(1))
+  assert float(proj) == pytest.approx(expected, rel=1e-5)
+
+
+def test_boxinst_warmup_and_gradient():
+  batch = dict(_boxinst_batch(3))
+  rng = np.random.default_rng(6)
+  logits = jnp.asarray(rng.normal(0, 1, (1, 16, 16, 2)).astype(np.float32))
+  proj, pair = _terms()(logits, {k: v for k, v in batch.items() if k != 'step'})
+  fn = jax.jit(functools.partial(box_loss, mode="boxinst", warmup_steps=100))
+  for step, ramp in ((0, 0.0), (50, 0.5), (400, 1.0)):
+    batch["step"] = np.full((1,), step, np.int32)
+    assert float(fn(logits, batch)) == pytest.approx(float(proj) + ramp * float(pair), rel=1e-5)
+  assert fn._cache_size() == 1
+  grad = jax.jit(jax.grad(functools.partial(box_loss, mode="boxinst")))(logits, batch)
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
+
+
+def test_bad_inputs():
+  boxes, classes = _boxes()
+  logits = np.zeros((2, 20, 20, 4), np.float32)
+  with pytest.raises(ValueError, match="unknown mode"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes}, mode="boxsup")
+  with pytest.raises(ValueError, match=r"needs batch\['boxes'\]"):
+    box_loss(logits, {"box_classes": classes})
+  with pytest.raises(ValueError, match=r"\[N,M,4\]"):
+    box_loss(logits, {"boxes": boxes[..., :3], "box_classes": classes})
+  with pytest.raises(ValueError, match="box_classes"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes[:, :2]})
+  with pytest.raises(TypeError, match="integer"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes.astype(np.float32)})
+  with pytest.raises(ValueError, match="background_class"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes}, background_class=7)
+  with pytest.raises(ValueError, match=r"needs batch\['image'\]"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes}, mode="boxinst")
+  with pytest.raises(ValueError, match="needs the training step"):
+    box_loss(logits, {"boxes": boxes, "box_classes": classes, "image": np.zeros((2, 20, 20, 3))},
+             mode="boxinst", warmup_steps=10)
