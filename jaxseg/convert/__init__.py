@@ -1,0 +1,2 @@
+"""Weights from PyTorch checkpoints (torch is never imported)."""
+from jaxseg.convert.torch import from_torch_state_dict, vgg16_state_dict  # noqa: F401
