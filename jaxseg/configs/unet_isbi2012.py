@@ -53,7 +53,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 5
     config.optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
                             schedule="cosine", warmup_steps=50)
-    config.num_steps = 1500
+    config.num_steps = 1000
     config.log_every = 25
     config.eval_every = 500
     config.checkpoint_every = 250
