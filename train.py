@@ -7,6 +7,7 @@
 A workdir that holds checkpoints is resumed exactly where it stopped.
 """
 import os
+import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,6 +42,12 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from jaxseg.train import loop
+
+  def preempted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+  # A preempted job gets SIGTERM: treat it like Ctrl-C, which checkpoints the last step.
+  signal.signal(signal.SIGTERM, preempted)
   config_arg = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") else DEFAULT_CONFIG
   workdir = FLAGS.workdir or os.path.join("runs", recipe_name(config_arg))
   if jax.process_index() == 0:

@@ -278,9 +278,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           pbar.write(f"step {done}: val mIoU {100 * summary['miou']:.2f}  "
                      f"pixel acc. {100 * summary['pixel_accuracy']:.2f}")
   except KeyboardInterrupt:
-    # Keep the work done so far: the next run resumes exactly from here.
-    if step > start_step:
-      ckpt.save(host_state(), rng=rng, data_step=step + 1, force=True)
+    # Keep the work done so far: the next run resumes exactly from here. The data position
+    # is the number of completed steps (the interrupted step may not have finished).
+    try:
+      done = int(jax.device_get(host_state().step))
+      if done > start_step and done != ckpt.latest_step():
+        ckpt.save(host_state(), rng=rng, data_step=done, force=True)
+    except RuntimeError as e:  # buffers donated to the interrupted step are gone
+      print(f"Could not save on interrupt ({e}); resume uses the last checkpoint.", flush=True)
     ckpt.close()
     raise
   finally:

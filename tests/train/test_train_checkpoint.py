@@ -47,6 +47,7 @@ def test_missing_directory_is_a_clear_error(tmp_path):
   ck = Checkpointer(str(tmp_path / "empty"))
   with pytest.raises(CheckpointError, match="no checkpoint found"):
     ck.restore(_state())
+  ck.close()
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_files_survive(tmp_path):
@@ -62,6 +63,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_files_survive(tmp_path):
   ck = Checkpointer(str(tmp_path / "ck"), read_only=True)
   with pytest.raises(CheckpointError, match="corrupt or does not match"):
     ck.restore(_state())
+  ck.close()
   assert sorted(str(p) for p in (tmp_path / "ck").rglob("*")) == before
 
 
@@ -72,5 +74,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   other = jaxseg.train.create_train_state(
       jax.random.key(0), jaxseg.models.build("unet", num_classes=3, features=8, depth=2),
       optax.adam(1e-3), np.zeros((1, 16, 16, 3), np.float32))
+  ck = Checkpointer(str(tmp_path / "ck"), read_only=True)
   with pytest.raises(CheckpointError, match="corrupt or does not match"):
-    Checkpointer(str(tmp_path / "ck"), read_only=True).restore(other)
+    ck.restore(other)
+  ck.close()
