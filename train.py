@@ -48,7 +48,7 @@ def main(argv):
 
   # A preempted job gets SIGTERM: treat it like Ctrl-C, which checkpoints the last step.
   signal.signal(signal.SIGTERM, preempted)
-  config_arg = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") else DEFAULT_CONFIG
+  config_arg = config_flags.get_config_filename(FLAGS["config"])
   workdir = FLAGS.workdir or os.path.join("runs", recipe_name(config_arg))
   if jax.process_index() == 0:
     print(f"jaxseg: {FLAGS.config.model} on {FLAGS.config.dataset}, {jax.device_count()} "

@@ -5,7 +5,6 @@ from a config, resumes from the latest checkpoint in ``workdir`` if there is one
 with a progress bar, logs JSON lines + TensorBoard, checkpoints, evaluates and writes PNG
 overlays. ``evaluate_workdir(workdir, split)`` restores a run and scores any split.
 """
-import contextlib
 import json
 import os
 import time
@@ -92,7 +91,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> N
     if p not in node:
       raise KeyError(f"config has no entry {key!r}")
     node = node[p]
-  with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+  with config.unlocked():
     node[leaf] = parsed
 
 
