@@ -33,6 +33,15 @@ MODES = {
 }
 
 
+def loss_kwargs(mode, class_names):
+  """The mode's loss kwargs, adapted to a dataset without a background class (CamVid)."""
+  kwargs = dict(MODES[mode][2])
+  if mode == "tags" and class_names[0].lower() != "background":
+    # Every class is a foreground class: only the per-class lower bounds apply.
+    kwargs = dict(fg_lower=kwargs["fg_lower"], background_class=None)
+  return kwargs
+
+
 def load_config(spec):
   """``path.py[:variant]`` -> the recipe's ConfigDict."""
   path, _, variant = spec.partition(":")
@@ -58,14 +67,19 @@ def main():
   name = os.path.splitext(os.path.basename(args.config.partition(':')[0]))[0]
   variant = args.config.partition(":")[2]
   root = os.path.join(args.root, name + (f"_{variant}" if variant else ""))
+  taken = [m for m in modes if os.path.exists(os.path.join(root, m))]
+  if taken:
+    p.error(f"{root} already holds runs {taken}: a resumed run would report the wrong time; "
+            "pass another --root or remove them")
   for mode in modes:
-    kinds, loss, kwargs = MODES[mode]
+    kinds, loss, _ = MODES[mode]
     config = load_config(args.config)
     if args.steps:
       config.num_steps = args.steps
     for kv in args.set:
       key, _, value = kv.partition("=")
       loop.apply_override(config, key, value)
+    kwargs = loss_kwargs(mode, loop.load_split(config, config.train_split).class_names)
     config.label_kinds = kinds
     config.loss = loss
     config.loss_kwargs = kwargs

@@ -22,13 +22,16 @@ the hard lower bound ``size_fg_lower`` (0.1). (The released code uses the size i
 label set, so present-but-small classes get a zero constraint there; here they keep their
 ordinary ``fg_lower`` row.)
 
-The solution is ``P_i = softmax(f_i + A^T mu)`` where the multipliers ``mu`` (one per row, in
-logit units: the bias a row adds to its class's logits; CCNN's lambda = N * mu) minimise the
-convex dual
+The solution is ``P_i = softmax(beta (f_i + A^T mu))`` where the multipliers ``mu`` (one per
+row, in logit units: the bias a row adds to its class's logits; CCNN's lambda = N * mu)
+minimise the convex dual
 
-    g(mu) = (1/N) sum_i logsumexp(f_i + A^T mu) - mu^T b,   0 <= mu_c <= cap_c,
+    g(mu) = (1/(beta N)) sum_i logsumexp(beta (f_i + A^T mu)) - mu^T b,   0 <= mu_c <= cap_c,
 
-with gradient ``A mean_i P_i - b`` and Hessian ``A Cov_i(P_i) A^T`` ((C+1) x (C+1)). Two
+with gradient ``A mean_i P_i - b`` and Hessian ``beta A Cov_i(P_i) A^T`` ((C+1) x (C+1)).
+``beta`` is CCNN's hardness (``hardness``): 1 is the KL projection above; CCNN's size mode
+uses 1000, which makes P a near one-hot labelling whose class fractions meet the rows (the
+projection of Q onto the constraints with an entropy penalty scaled by 1/beta). Two
 jit-compatible solvers run a fixed number of iterations inside ``lax.fori_loop``:
 ``"newton"`` (projected Newton on the free rows, the step picked among 12 halvings and 12
 projected-gradient steps by the dual value) and ``"pgd"`` (CCNN's projected gradient descent:
@@ -95,16 +98,16 @@ def _constraints(present, large, c, *, fg_lower, bg_lower, bg_upper, fg_slack, b
   return a, b.astype(jnp.float32), caps.astype(jnp.float32)
 
 
-def _dual_parts(f, v, a, b, mu):
+def _dual_parts(f, v, a, b, mu, beta):
   """Dual value, gradient and Hessian for one image (f [P,C], v [P] weights summing to 1)."""
-  z = f + mu @ a
+  z = beta * (f + mu @ a)
   lse = jax.nn.logsumexp(z, axis=-1)
   p = jnp.exp(z - lse[:, None])
-  value = jnp.sum(v * lse) - mu @ b
+  value = jnp.sum(v * lse) / beta - mu @ b
   mean_p = v @ p
   grad = a @ mean_p - b
   cov = jnp.diag(mean_p) - jnp.einsum("i,ik,il->kl", v, p, p)
-  hess = a @ cov @ a.T
+  hess = beta * (a @ cov @ a.T)
   return value, grad, hess
 
 
@@ -114,28 +117,33 @@ def _projected_gradient(mu, grad, cap):
   return jnp.where(at_lower | at_upper | (cap <= 0.0), 0.0, grad)
 
 
-def _solve_newton(f, v, a, b, cap, iterations):
+def _solve_newton(f, v, a, b, cap, beta, iterations):
   m = a.shape[0]
   steps_n = jnp.asarray(_NEWTON_STEPS, jnp.float32)
   steps_g = jnp.asarray(_GRADIENT_STEPS, jnp.float32)
 
   def value_and_pg(mu):
-    value, grad, _ = _dual_parts(f, v, a, b, mu)
+    value, grad, _ = _dual_parts(f, v, a, b, mu, beta)
     return value, jnp.sum(jnp.square(_projected_gradient(mu, grad, cap)))
 
   def body(_, mu):
-    value, grad, hess = _dual_parts(f, v, a, b, mu)
+    value, grad, hess = _dual_parts(f, v, a, b, mu, beta)
     free = _projected_gradient(mu, grad, cap) != 0.0
     damp = 1e-6 + 1e-4 * jnp.trace(hess) / m
     h = jnp.where(free[:, None] & free[None, :], hess, 0.0) + jnp.diag(
         jnp.where(free, damp, 1.0))
     direction = -jnp.linalg.solve(h, jnp.where(free, grad, 0.0))
+    # A (numerically) singular Hessian -- hard P at large hardness -- gives no Newton step;
+    # the projected-gradient candidates still do.
+    direction = jnp.where(jnp.all(jnp.isfinite(direction)), direction, 0.0)
     cands = jnp.concatenate([
         mu[None],
         jnp.clip(mu[None] + steps_n[:, None] * direction[None], 0.0, cap[None]),
         jnp.clip(mu[None] - steps_g[:, None] * grad[None], 0.0, cap[None]),
     ])
     values, pgs = jax.vmap(value_and_pg)(cands)
+    values = jnp.where(jnp.isfinite(values), values, jnp.inf)
+    pgs = jnp.where(jnp.isfinite(pgs), pgs, jnp.inf)
     best = jnp.argmin(values)
     # Near the optimum float32 cannot rank candidates by g; the projected gradient still can.
     flat = values[0] - values[best] <= 1e-6 * jnp.maximum(1.0, jnp.abs(values[0]))
@@ -144,18 +152,18 @@ def _solve_newton(f, v, a, b, cap, iterations):
   return jax.lax.fori_loop(0, iterations, body, jnp.zeros((m,), jnp.float32))
 
 
-def _solve_pgd(f, v, a, b, cap, iterations, step0=10.0):
+def _solve_pgd(f, v, a, b, cap, beta, iterations, step0=10.0):
   m = a.shape[0]
 
   def value(mu):
-    return _dual_parts(f, v, a, b, mu)[0]
+    return _dual_parts(f, v, a, b, mu, beta)[0]
 
   def body(_, carry):
     mu, g, alpha = carry
-    grad = _dual_parts(f, v, a, b, mu)[1]
+    grad = _dual_parts(f, v, a, b, mu, beta)[1]
     cand = jnp.clip(mu - alpha * grad, 0.0, cap)
     gc = value(cand)
-    accept = gc < g
+    accept = jnp.isfinite(gc) & (gc < g)
     return (jnp.where(accept, cand, mu), jnp.where(accept, gc, g),
             jnp.where(accept, alpha * 1.1, alpha * 0.5))
 
@@ -175,6 +183,7 @@ def constrained_posterior(logits: jax.Array, tags: jax.Array, *,
                           large: Optional[jax.Array] = None,
                           size_bg_lower: float = 0.2,
                           size_fg_lower: float = 0.1,
+                          hardness: float = 1.0,
                           iterations: Optional[int] = None,
                           solver: str = "newton") -> Tuple[jax.Array, jax.Array]:
   """CCNN's latent distribution: the KL projection of softmax(logits) onto the constraints.
@@ -191,6 +200,7 @@ def constrained_posterior(logits: jax.Array, tags: jax.Array, *,
       class (datasets without background: no background rows).
     size_constraint, large, size_bg_lower, size_fg_lower: CCNN's size mode; ``large`` [N,C]
       marks classes covering > 10% of the image.
+    hardness: CCNN's beta (> 0): P = softmax(beta (f + A^T mu)); 1000 in its size mode.
     iterations: solver iterations (default 20 for "newton", 300 for "pgd").
     solver: "newton" or "pgd".
 
@@ -205,6 +215,8 @@ def constrained_posterior(logits: jax.Array, tags: jax.Array, *,
     raise ValueError(f"{where}: unknown solver {solver!r}; valid: 'newton', 'pgd'")
   if iterations is None:
     iterations = 20 if solver == "newton" else 300
+  if not hardness > 0:
+    raise ValueError(f"{where}: hardness must be > 0, got {hardness}")
   if int(iterations) != iterations or iterations < 1:
     raise ValueError(f"{where}: iterations must be a positive integer, got {iterations}")
   if tuple(tags.shape) != (n, c):
@@ -235,9 +247,10 @@ def constrained_posterior(logits: jax.Array, tags: jax.Array, *,
   weights = v.reshape(n, h * w)
   weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-12)
   solve = _solve_newton if solver == "newton" else _solve_pgd
-  mu = jax.vmap(lambda fi, vi, bi, ci: solve(fi, vi, a, bi, ci, int(iterations)))(
+  beta = jnp.float32(hardness)
+  mu = jax.vmap(lambda fi, vi, bi, ci: solve(fi, vi, a, bi, ci, beta, int(iterations)))(
       f, weights, b, cap)
-  p = jax.nn.softmax(f + (mu @ a)[:, None, :], axis=-1).reshape(n, h, w, c)
+  p = jax.nn.softmax(beta * (f + (mu @ a)[:, None, :]), axis=-1).reshape(n, h, w, c)
   return jax.lax.stop_gradient(p), jax.lax.stop_gradient(mu)
 
 
@@ -250,6 +263,7 @@ def image_level_loss(logits: jax.Array, batch: dict, *,
                      size_constraint: bool = False,
                      size_bg_lower: float = 0.2,
                      size_fg_lower: float = 0.1,
+                     hardness: float = 1.0,
                      iterations: Optional[int] = None,
                      solver: str = "newton",
                      downscale: int = 8) -> jax.Array:
@@ -289,7 +303,7 @@ def image_level_loss(logits: jax.Array, batch: dict, *,
                                bg_lower=bg_lower, bg_upper=bg_upper, fg_slack=fg_slack,
                                background_class=background_class,
                                size_constraint=size_constraint, large=large,
-                               size_bg_lower=size_bg_lower, size_fg_lower=size_fg_lower,
+                               size_bg_lower=size_bg_lower, size_fg_lower=size_fg_lower, hardness=hardness,
                                iterations=iterations, solver=solver)
   log_q = jax.nn.log_softmax(pooled, axis=-1)
   kl = jnp.sum(p * (jnp.log(jnp.maximum(p, 1e-10)) - log_q), axis=-1)

@@ -186,6 +186,18 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
 
 
+def _check_finite(metrics, step: int, ckpt) -> None:
+  """Stop training with a clear error once the loss is NaN or infinite."""
+  loss = float(np.asarray(jax.device_get(metrics["loss"])).mean())
+  if not np.isfinite(loss):
+    last = ckpt.latest_step()
+    raise FloatingPointError(
+        f"training loss is {loss} at step {step}: the run diverged (learning rate, loss "
+        f"hyperparameters or input data); "
+        + (f"the last checkpoint (step {last}) in {ckpt.directory} is kept" if last is not None
+           else "no checkpoint was written"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: Optional[int] = None) -> Dict[str, float]:
   """Train ``config`` in ``workdir`` (resuming if checkpoints exist) and evaluate.
@@ -256,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       done = step + 1
       if done % config.log_every == 0 or done == num_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(metrics, done, ckpt)
         now = time.perf_counter()
         metrics["images_per_sec"] = (done - last_step) * config.batch_size / (now - last_t)
         last_t, last_step = now, done
@@ -266,6 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if pbar is not None:
         pbar.update(1)
       if done % config.checkpoint_every == 0 or done in (num_steps, stop_at_step):
+        _check_finite(metrics, done, ckpt)  # never replace a good checkpoint with NaNs
         ckpt.save(host_state(), rng=rng, data_step=done)
       if done == stop_at_step:
         break
@@ -276,6 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if pbar is not None:
           pbar.write(f"step {done}: val mIoU {100 * summary['miou']:.2f}  "
                      f"pixel acc. {100 * summary['pixel_accuracy']:.2f}")
+  except FloatingPointError:
+    ckpt.close()  # finish pending saves of the finite states
+    raise
   except KeyboardInterrupt:
     # Keep the work done so far: the next run resumes exactly from here. The data position
     # is the number of completed steps (the interrupted step may not have finished).

@@ -40,7 +40,7 @@ def _rows(tags, c, fg_lower=0.05, bg_lower=0.3, bg_upper=0.7, fg_slack=2.0):
   return rows
 
 
-def _scipy_dual(f, tags, **kw):
+def _scipy_dual(f, tags, beta=1.0, **kw):
   """Minimise the dual with L-BFGS-B in float64; returns (mu [C+1], P [P,C])."""
   p_, c = f.shape
   rows = _rows(tags, c, **kw)
@@ -49,11 +49,11 @@ def _scipy_dual(f, tags, **kw):
   b = np.array([r[1] for r in rows])
 
   def g(mu):
-    z = fm + mu @ a
+    z = beta * (fm + mu @ a)
     m = z.max(1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(z - m).sum(1))
     p = np.exp(z - lse[:, None])
-    return lse.mean() - mu @ b, a @ p.mean(0) - b
+    return lse.mean() / beta - mu @ b, a @ p.mean(0) - b
 
   res = optimize.minimize(g, np.zeros(len(rows)), jac=True, method="L-BFGS-B",
                           bounds=[(0, None if np.isinf(r[2]) else r[2]) for r in rows],
@@ -61,7 +61,7 @@ def _scipy_dual(f, tags, **kw):
   mu = np.zeros(c + 1)
   for value, r in zip(res.x, rows):
     mu[r[3]] = value
-  z = fm + res.x @ a
+  z = beta * (fm + res.x @ a)
   p = np.exp(z - z.max(1, keepdims=True))
   return mu, p / p.sum(1, keepdims=True)
 
@@ -85,6 +85,38 @@ def test_dual_solution_agrees_with_scipy(solver, seed):
     mu_ref, p_ref = _scipy_dual(logits[i].reshape(-1, 4), tags[i])
     np.testing.assert_allclose(np.asarray(mu[i]), mu_ref, atol=tol)
     np.testing.assert_allclose(np.asarray(p[i]).reshape(-1, 4), p_ref, atol=tol)
+
+
+@pytest.mark.parametrize("solver", ["newton", "pgd"])
+def test_hardness_agrees_with_scipy(solver):
+  """P = softmax(beta (f + A^T mu)): sharper posteriors, same constraints."""
+  logits, tags = _random_case(7)
+  p, mu = _posterior(logits, tags, solver=solver, hardness=3.0)
+  tol = 2e-3 if solver == "newton" else 2e-2
+  for i in range(len(logits)):
+    mu_ref, p_ref = _scipy_dual(logits[i].reshape(-1, 4), tags[i], beta=3.0)
+    np.testing.assert_allclose(np.asarray(mu[i]), mu_ref, atol=tol)
+    np.testing.assert_allclose(np.asarray(p[i]).reshape(-1, 4), p_ref, atol=tol)
+  p_soft, _ = _posterior(logits, tags, solver=solver)
+  entropy = lambda x: float(-np.sum(np.asarray(x) * np.log(np.maximum(np.asarray(x), 1e-12))))
+  assert entropy(p) < 0.7 * entropy(p_soft)
+
+
+@pytest.mark.parametrize("solver", ["newton", "pgd"])
+def test_hard_posterior_meets_the_constraints(solver):
+  """CCNN's size-mode hardness (1000): a near one-hot P whose class fractions obey the rows."""
+  for seed in range(3):
+    logits, tags = _random_case(30 + seed, n=2, size=10, c=4)
+    p, mu = _posterior(logits, tags, solver=solver, hardness=1000.0,
+                       iterations=60 if solver == "newton" else 600)
+    p, mu = np.asarray(p), np.asarray(mu)
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(mu))
+    assert np.mean(p.max(-1) > 0.99) > 0.95
+    for i in range(2):
+      mean_p = p[i].reshape(-1, 4).mean(0)
+      for a, b, cap, row in _rows(tags[i], 4):
+        # One pixel of 100 is the resolution of a hard assignment.
+        assert mean_p @ a - b >= -0.011 or mu[i, row] >= cap - 1e-3, (seed, i, row, mean_p)
 
 
 def test_primal_agrees_with_slsqp():
@@ -223,5 +255,7 @@ def test_bad_inputs():
     image_level_loss(logits, {"tags": np.ones((1, 3), np.float32)}, size_constraint=True)
   with pytest.raises(ValueError, match="downscale"):
     image_level_loss(logits, {"tags": np.ones((1, 3), np.float32)}, downscale=0)
+  with pytest.raises(ValueError, match="hardness"):
+    image_level_loss(logits, {"tags": np.ones((1, 3), np.float32)}, hardness=0.0)
   with pytest.raises(ValueError, match="bg_lower"):
     constrained_posterior(logits, np.ones((1, 3), np.float32), bg_lower=0.8)

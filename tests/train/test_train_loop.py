@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,3 +111,21 @@ def test_eval_of_a_workdir_without_checkpoints(tmp_path, data_dir):
   loop.save_config(_smoke(data_dir), str(tmp_path))
   with pytest.raises(Exception, match="does not exist|no checkpoint"):
     loop.evaluate_workdir(str(tmp_path))
+
+
+def test_diverged_run_stops_and_keeps_the_finite_checkpoint(tmp_path, data_dir, monkeypatch):
+  from jaxseg.losses import cross_entropy
+
+  def nan_from_step_5(logits, batch):
+    ce = cross_entropy(logits, batch)
+    return jnp.where(batch["step"][0] >= 5, jnp.nan, ce)
+
+  monkeypatch.setattr(loop, "build_loss", lambda config, src=None: nan_from_step_5)
+  config = _smoke(data_dir, num_steps=12, checkpoint_every=4, eval_every=100, log_every=100)
+  with pytest.raises(FloatingPointError, match=r"step 8: .*last checkpoint \(step 4\)"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  ck = Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+  assert ck.all_steps() == [4]
+  ck.close()
+  state, _ = _final_params(str(tmp_path))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

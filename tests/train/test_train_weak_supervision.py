@@ -5,9 +5,12 @@ masks score it. "Chance" is the best constant prediction (every pixel background
 mIoU is the background IoU divided by the number of classes present (0.176 here); a run
 must beat it by 0.05 mIoU (about 30%) after 300 steps.
 
-The image-level (CCNN) loss does not yet: on this dataset it stays at chance, also after
-600 steps (bench/weak_supervision.py), so its case is a strict expected failure that turns
-into an error the day it starts to pass.
+The image-level (CCNN) loss does not yet: trained from scratch on this dataset it stays at
+chance (bench/weak_supervision.py, 600 steps): with CCNN's soft posterior (hardness 1) the
+network meets the area constraints with diffuse probabilities and never predicts a
+foreground pixel; with the size mode's hardness 1000 it predicts ~6% foreground, in the
+wrong places (IoU < 0.01). Its case is a strict expected failure that turns into an error
+the day it starts to pass.
 """
 import numpy as np
 import pytest
