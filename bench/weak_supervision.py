@@ -5,8 +5,9 @@ label kinds the trainer sees change (weak runs never see a mask; scoring uses va
   python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 800
   python bench/weak_supervision.py --modes full,scribble_crf --set num_steps=300
 
-Prints one row per supervision with its mIoU and the ratio to full supervision, and writes
-``summary.json`` under ``--root``.
+Prints one row per supervision with its mIoU and the ratio to full supervision, and keeps
+``summary.json`` under ``--root``: modes run by separate calls with the same ``--root`` end up
+in one table (a mode already there is refused, not rerun).
 """
 import argparse
 import importlib.util
@@ -23,8 +24,11 @@ from jaxseg.train import loop  # noqa: E402
 MODES = {
     "full": (("mask",), "cross_entropy", {}),
     "scribble_pce": (("scribble",), "partial_cross_entropy", {}),
+    # Gated CRF's local kernel, ramped in over the first third of the schedule (see
+    # loss_kwargs): switched on at full weight from step 0 the pairwise term pulls the
+    # untrained network to the constant labelling.
     "scribble_crf": (("scribble",), "scribble_loss",
-                     dict(kernel="local", pairwise_weight=0.1, sigma_xy=6.0, sigma_rgb=5.8,
+                     dict(kernel="local", pairwise_weight=0.2, sigma_xy=6.0, sigma_rgb=5.8,
                           radius=5)),
     "boxes": (("boxes", "box_classes"), "box_loss", dict(mode="bbox_seg")),
     # CCNN's VOC fractions assume objects cover 30-70% of the image; on the shapes scenes
@@ -33,9 +37,11 @@ MODES = {
 }
 
 
-def loss_kwargs(mode, class_names):
-  """The mode's loss kwargs, adapted to a dataset without a background class (CamVid)."""
+def loss_kwargs(mode, class_names, num_steps):
+  """The mode's loss kwargs for this schedule and dataset (CamVid has no background class)."""
   kwargs = dict(MODES[mode][2])
+  if mode == "scribble_crf":
+    kwargs["warmup_steps"] = num_steps // 3
   if mode == "tags" and class_names[0].lower() != "background":
     # Every class is a foreground class: only the per-class lower bounds apply.
     kwargs = dict(fg_lower=kwargs["fg_lower"], background_class=None)
@@ -63,7 +69,6 @@ def main():
   unknown = [m for m in modes if m not in MODES]
   if unknown:
     p.error(f"unknown modes {unknown}; valid: {', '.join(MODES)}")
-  results = {}
   name = os.path.splitext(os.path.basename(args.config.partition(':')[0]))[0]
   variant = args.config.partition(":")[2]
   root = os.path.join(args.root, name + (f"_{variant}" if variant else ""))
@@ -71,6 +76,11 @@ def main():
   if taken:
     p.error(f"{root} already holds runs {taken}: a resumed run would report the wrong time; "
             "pass another --root or remove them")
+  summary_path = os.path.join(root, "summary.json")
+  results = {}
+  if os.path.exists(summary_path):  # earlier modes of this comparison
+    with open(summary_path) as f:
+      results = json.load(f)
   for mode in modes:
     kinds, loss, _ = MODES[mode]
     config = load_config(args.config)
@@ -79,7 +89,8 @@ def main():
     for kv in args.set:
       key, _, value = kv.partition("=")
       loop.apply_override(config, key, value)
-    kwargs = loss_kwargs(mode, loop.load_split(config, config.train_split).class_names)
+    kwargs = loss_kwargs(mode, loop.load_split(config, config.train_split).class_names,
+                         int(config.num_steps))
     config.label_kinds = kinds
     config.loss = loss
     config.loss_kwargs = kwargs
@@ -87,16 +98,17 @@ def main():
     t0 = time.time()
     summary = loop.train_and_evaluate(config, os.path.join(root, mode))
     results[mode] = {"miou": summary["miou"], "minutes": (time.time() - t0) / 60,
-                     "loss": loss, "loss_kwargs": kwargs}
+                     "steps": int(config.num_steps), "loss": loss, "loss_kwargs": kwargs}
     print(f"== {mode}: mIoU {100 * summary['miou']:.2f}", flush=True)
+    with open(summary_path, "w") as f:
+      json.dump(results, f, indent=2)
   full = results.get("full", {}).get("miou")
-  print(f"\n{args.config}, {config.num_steps} steps, seed {config.seed}")
-  print(f"{'supervision':<14} {'loss':<24} {'mIoU':>6} {'/ full':>7} {'min':>5}")
+  print(f"\n{args.config}, seed {config.seed}")
+  print(f"{'supervision':<14} {'loss':<24} {'steps':>6} {'mIoU':>6} {'/ full':>7} {'min':>5}")
   for mode, r in results.items():
     ratio = f"{r['miou'] / full:.3f}" if full else "  n/a"
-    print(f"{mode:<14} {r['loss']:<24} {100 * r['miou']:6.2f} {ratio:>7} {r['minutes']:5.1f}")
-  with open(os.path.join(root, "summary.json"), "w") as f:
-    json.dump(results, f, indent=2)
+    print(f"{mode:<14} {r['loss']:<24} {r.get('steps', ''):>6} {100 * r['miou']:6.2f} {ratio:>7} "
+          f"{r['minutes']:5.1f}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxseg.data import features, weak_labels
+from jaxseg.data import features
 
 CLASS_NAMES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                "Pedestrian", "Bicyclist")
@@ -83,11 +82,8 @@ def read_example(image_path: str, label_path: str, image_size=None) -> dict[str,
   image = features.resize(image, image_size, nearest=False)
   label = features.resize(label, image_size, nearest=True)
   mask = np.where(label == VOID, features.IGNORE, label).astype(np.uint8)
-  seed = zlib.crc32(os.path.basename(image_path).encode())
-  example = weak_labels.synthesize({"image": image, "mask": mask}, seed, num_classes=NUM_CLASSES,
-                                   background=STUFF_CLASSES, max_instances=features.MAX_INSTANCES)
-  example["scribble"] = example["scribble"].astype(np.uint8)
-  return example
+  return features.with_weak_labels(image, mask, image_path, num_classes=NUM_CLASSES,
+                                   background=STUFF_CLASSES)
 
 
 class JaxsegCamvid(tfds.core.GeneratorBasedBuilder):
@@ -102,15 +98,8 @@ class JaxsegCamvid(tfds.core.GeneratorBasedBuilder):
   url_infos = None  # Nothing is downloaded (see JaxsegShapes.url_infos).
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size or (None, None)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=features.segmentation_features(size[0], size[1], NUM_CLASSES, features.MAX_INSTANCES),
-        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES), ignore_label=features.IGNORE,
-                                        thing_classes=list(THING_CLASSES)),
-        disable_shuffling=True,
-    )
+    return features.dataset_info(self, __doc__, CLASS_NAMES, self.builder_config.image_size,
+                                 thing_classes=list(THING_CLASSES))
 
   def _split_generators(self, dl_manager):
     folders = present_splits(os.fspath(dl_manager.manual_dir))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from typing import Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from jaxseg.data import weak_labels
 
 MAX_INSTANCES = 8
 IGNORE = 255
@@ -35,6 +38,31 @@ def segmentation_features(
           shape=(max_instances, height, width), dtype=np.uint8,
           encoding=tfds.features.Encoding.ZLIB),
   })
+
+
+def dataset_info(builder: tfds.core.DatasetBuilder, description: str, class_names,
+                 image_size: tuple[int, int] | None, **metadata) -> tfds.core.DatasetInfo:
+  """The DatasetInfo every jaxseg builder shares: the schema, class names, ignore label."""
+  height, width = image_size or (None, None)
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=segmentation_features(height, width, len(class_names), MAX_INSTANCES),
+      metadata=tfds.core.MetadataDict(class_names=list(class_names), ignore_label=IGNORE,
+                                      **metadata),
+      disable_shuffling=True,
+  )
+
+
+def with_weak_labels(image: np.ndarray, mask: np.ndarray, file_name: str, *, num_classes: int,
+                     background) -> dict[str, np.ndarray]:
+  """A stored example from a real dataset: image, mask and the weak labels synthesised from
+  the mask, seeded by the file's base name so that preparing again gives the same labels."""
+  seed = zlib.crc32(os.path.basename(file_name).encode())
+  example = weak_labels.synthesize({"image": image, "mask": mask}, seed, num_classes=num_classes,
+                                   background=background, max_instances=MAX_INSTANCES)
+  example["scribble"] = example["scribble"].astype(np.uint8)
+  return example
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxseg.data import features, weak_labels
+from jaxseg.data import features
 
 CLASS_NAMES = ("membrane", "cell")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -89,11 +88,8 @@ def read_example(image_path: str, label_path: str, image_size=None) -> dict[str,
   label = features.resize(label, image_size, nearest=True)
   mask = (label == 255).astype(np.uint8)
   image = np.repeat(gray[..., None], 3, axis=-1)
-  seed = zlib.crc32(os.path.basename(image_path).encode())
-  example = weak_labels.synthesize({"image": image, "mask": mask}, seed, num_classes=NUM_CLASSES,
-                                   background=(0,), max_instances=features.MAX_INSTANCES)
-  example["scribble"] = example["scribble"].astype(np.uint8)
-  return example
+  return features.with_weak_labels(image, mask, image_path, num_classes=NUM_CLASSES,
+                                   background=(0,))
 
 
 class JaxsegIsbi2012(tfds.core.GeneratorBasedBuilder):
@@ -108,14 +104,7 @@ class JaxsegIsbi2012(tfds.core.GeneratorBasedBuilder):
   url_infos = None  # Nothing is downloaded (see JaxsegShapes.url_infos).
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size or (None, None)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=features.segmentation_features(size[0], size[1], NUM_CLASSES, features.MAX_INSTANCES),
-        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES), ignore_label=features.IGNORE),
-        disable_shuffling=True,
-    )
+    return features.dataset_info(self, __doc__, CLASS_NAMES, self.builder_config.image_size)
 
   def _split_generators(self, dl_manager):
     pairs = slice_files(os.fspath(dl_manager.manual_dir))

@@ -213,13 +213,7 @@ class JaxsegShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=features.segmentation_features(size, size, NUM_CLASSES, MAX_INSTANCES),
-        metadata=tfds.core.MetadataDict(class_names=list(CLASS_NAMES), ignore_label=features.IGNORE),
-        disable_shuffling=True,
-    )
+    return features.dataset_info(self, __doc__, CLASS_NAMES, (size, size))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.

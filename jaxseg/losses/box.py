@@ -19,7 +19,8 @@ shapes are static and a new set of boxes never recompiles. :func:`box_loss` sele
   boxes, p_c = softmax probability of c and B_c = union of the class's boxes; loss = Dice of
   the max-projections of p_c and B_c on both axes + ``pairwise_weight`` * the colour-pairwise
   term (8 neighbours at dilation 2, Lab similarity >= ``color_threshold``, centre pixel in B_c,
-  ``-log P(y_i = y_j)`` with ``P = p_i p_j + (1 - p_i)(1 - p_j)`` in log space).
+  ``-log P(y_i = y_j)`` with ``P = p_i p_j + (1 - p_i)(1 - p_j)`` in log space) +
+  ``label_set_weight`` * :func:`box_label_set_nll` (background outside the boxes).
 """
 from typing import Optional, Sequence
 
@@ -322,22 +323,56 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
   return proj_loss, pair_loss
 
 
+def box_label_set_nll(logits, batch, *, background_class: int = 0,
+                      where: str = "box_label_set_nll") -> jax.Array:
+  """``mean_i -log P(y_i in {background} + classes of the boxes covering i)`` over valid pixels.
+
+  What boxes say for sure about a semantic labelling: a pixel outside every box is background
+  (the term is then plain cross-entropy there), and a pixel inside boxes can only take their
+  classes or background. Instance-level BoxInst gets the first for free (a mask lives in its
+  box); a semantic head needs it stated.
+
+  Args:
+    logits: float32 [N,H,W,C].
+    batch: ``boxes``, ``box_classes``, optional ``valid``.
+    background_class: index of the background class.
+
+  Returns:
+    float32 scalar.
+  """
+  logits = _common.check_logits(logits, where)
+  n, h, w, c = logits.shape
+  _check_background(background_class, c, where)
+  boxes, classes = _get_boxes(batch, logits, where)
+  valid = _common.get_valid(batch, (n, h, w), where)
+  allowed = class_box_masks(boxes, classes, c, h, w) | (jnp.arange(c) == background_class)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1)
+  return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
 def boxinst_loss(logits, batch, *, pairwise_weight: float = 1.0, color_threshold: float = 0.3,
                  pairwise_size: int = 3, pairwise_dilation: int = 2, warmup_steps: int = 0,
+                 label_set_weight: float = 1.0, background_class: int = 0,
                  step=None) -> jax.Array:
-  """``L_proj + ramp(step) * pairwise_weight * L_pair`` (BoxInst warms up over 10k steps).
+  """``L_proj + ramp(step) * pairwise_weight * L_pair + label_set_weight * L_set``.
 
-  Differences from BoxInst, which works per instance on stride-4 mask logits: here the masks
-  are the semantic softmax probabilities at the input resolution, per class (union of the
-  class's boxes); the image is not pooled or quantised to uint8 before the Lab conversion; no
-  bottom-rows mask (a COCO artefact).
+  BoxInst warms the pairwise term up over 10k steps. Differences from BoxInst, which works per
+  instance on stride-4 mask logits: here the masks are the semantic softmax probabilities at
+  the input resolution, per class (union of the class's boxes); ``L_set`` is
+  :func:`box_label_set_nll` (0 weight = BoxInst's two terms alone); the image is not pooled or
+  quantised to uint8 before the Lab conversion; no bottom-rows mask (a COCO artefact).
   """
   where = "box_loss(boxinst)"
   ramp = _common.warmup_factor(batch, step, warmup_steps, where)
   proj, pair = boxinst_terms(logits, batch, color_threshold=color_threshold,
                              pairwise_size=pairwise_size, pairwise_dilation=pairwise_dilation,
                              where=where)
-  return proj + ramp * pairwise_weight * pair
+  loss = proj + ramp * pairwise_weight * pair
+  if label_set_weight:
+    loss = loss + label_set_weight * box_label_set_nll(
+        logits, batch, background_class=background_class, where=where)
+  return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +389,7 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
              erode_scale: float = 0.2, core_prob: float = 0.75, box_prob: float = 0.5,
              pairwise_weight: float = 1.0, color_threshold: float = 0.3,
              pairwise_size: int = 3, pairwise_dilation: int = 2,
-             warmup_steps: int = 0, step=None,
+             warmup_steps: int = 0, step=None, label_set_weight: float = 1.0,
              class_weights: Optional[Sequence[float]] = None) -> jax.Array:
   """Box-supervised semantic segmentation loss; see the module docstring for the modes.
 
@@ -364,12 +399,14 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
       (-1 = padding), optional ``valid`` bool [N,H,W]; ``image`` for "boxinst"; optional
       ``step`` for the BoxInst warm-up.
     mode: "em_fixed", "em_adapt", "bbox_seg" or "boxinst".
-    background_class: index of the background class (WSSL modes).
+    background_class: index of the background class.
     bg_bias, fg_bias: "em_fixed" biases (WSSL proto defaults 1 and 2).
     bg_portion, fg_portion, num_iter: "em_adapt" (WSSL defaults 0.2, 0.2, 1).
     erode_scale, core_prob, box_prob: "bbox_seg" (0.2 = WSSL's bboxErode20).
     pairwise_weight, color_threshold, pairwise_size, pairwise_dilation, warmup_steps, step:
       "boxinst" (BoxInst: 1, 0.3, 3, 2, 10000).
+    label_set_weight: "boxinst": weight of :func:`box_label_set_nll` (background outside the
+      boxes, box classes or background inside); 0 = BoxInst's terms alone.
     class_weights: optional [C] cross-entropy weights (the WSSL modes).
 
   Returns:
@@ -382,6 +419,7 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
     return boxinst_loss(logits, batch, pairwise_weight=pairwise_weight,
                         color_threshold=color_threshold, pairwise_size=pairwise_size,
                         pairwise_dilation=pairwise_dilation, warmup_steps=warmup_steps,
+                        label_set_weight=label_set_weight, background_class=background_class,
                         step=step)
   logits = _common.check_logits(logits, where)
   n, h, w, c = logits.shape

@@ -246,13 +246,42 @@ def test_boxinst_warmup_and_gradient():
   rng = np.random.default_rng(6)
   logits = jnp.asarray(rng.normal(0, 1, (1, 16, 16, 2)).astype(np.float32))
   proj, pair = _terms()(logits, {k: v for k, v in batch.items() if k != 'step'})
-  fn = jax.jit(functools.partial(box_loss, mode="boxinst", warmup_steps=100))
+  fn = jax.jit(functools.partial(box_loss, mode="boxinst", warmup_steps=100,
+                                 label_set_weight=0.5))
+  label_set = float(box_lib.box_label_set_nll(logits, batch))
   for step, ramp in ((0, 0.0), (50, 0.5), (400, 1.0)):
     batch["step"] = np.full((1,), step, np.int32)
-    assert float(fn(logits, batch)) == pytest.approx(float(proj) + ramp * float(pair), rel=1e-5)
+    expected = float(proj) + ramp * float(pair) + 0.5 * label_set
+    assert float(fn(logits, batch)) == pytest.approx(expected, rel=1e-5)
   assert fn._cache_size() == 1
   grad = jax.jit(jax.grad(functools.partial(box_loss, mode="boxinst")))(logits, batch)
   assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
+
+
+def test_box_label_set_nll_by_hand():
+  """Outside every box only background is allowed; inside, background or the boxes' classes."""
+  boxes, classes = _boxes()
+  rng = np.random.default_rng(8)
+  logits = rng.normal(0, 2, (2, 20, 20, 4)).astype(np.float32)
+  valid = np.ones((2, 20, 20), bool)
+  valid[1, :, 17:] = False
+  batch = {"boxes": boxes, "box_classes": classes, "valid": valid}
+  got = float(jax.jit(box_lib.box_label_set_nll)(jnp.asarray(logits), batch))
+  p = np.asarray(jax.nn.softmax(logits.astype(np.float64), -1))
+  in_box = _numpy_class_masks(boxes, classes, 4, 20, 20)
+  total, count = 0.0, 0
+  for n in range(2):
+    for y in range(20):
+      for x in range(20):
+        if valid[n, y, x]:
+          allowed = [0] + [k for k in range(4) if in_box[n, y, x, k]]
+          total -= np.log(p[n, y, x, allowed].sum())
+          count += 1
+  assert got == pytest.approx(total / count, rel=1e-5)
+  # Background everywhere outside the boxes and the box class inside: only overlaps cost.
+  perfect = np.where(in_box.any(-1, keepdims=True), 0.0, 30.0) * (np.arange(4) == 0)
+  perfect = perfect + 30.0 * in_box
+  assert float(box_lib.box_label_set_nll(jnp.asarray(perfect, jnp.float32), batch)) < 1e-6
 
 
 def test_bad_inputs():
