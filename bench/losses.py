@@ -30,12 +30,16 @@ LOSSES = [
     ("crf_pairwise dense grid scale=0.5", dict(name="crf_pairwise", scale=0.5)),
     ("crf_pairwise local r=5", dict(name="crf_pairwise", kernel="local", radius=5)),
     ("scribble_loss (dense grid)", dict(name="scribble_loss")),
+    ("scribble_loss (local r=5, as in the bench)",
+     dict(name="scribble_loss", kernel="local", radius=5, pairwise_weight=0.2)),
     ("scribble_em_loss (5 mean-field it.)", dict(name="scribble_em_loss")),
     ("image_level_loss newton /8", dict(name="image_level_loss")),
     ("image_level_loss pgd /8", dict(name="image_level_loss", solver="pgd")),
     ("box_loss em_fixed", dict(name="box_loss", mode="em_fixed")),
     ("box_loss em_adapt", dict(name="box_loss", mode="em_adapt")),
     ("box_loss bbox_seg", dict(name="box_loss", mode="bbox_seg")),
+    ("box_loss bbox_seg + local CRF r=5", dict(name="box_loss", mode="bbox_seg", crf_weight=0.2,
+                                               crf_kwargs=dict(kernel="local", radius=5))),
     ("box_loss boxinst", dict(name="box_loss", mode="boxinst")),
 ]
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.losses import _common
+from jaxseg.losses import crf
 from jaxseg.losses.supervised import cross_entropy
 
 IGNORE = 255
@@ -390,6 +391,7 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
              pairwise_weight: float = 1.0, color_threshold: float = 0.3,
              pairwise_size: int = 3, pairwise_dilation: int = 2,
              warmup_steps: int = 0, step=None, label_set_weight: float = 1.0,
+             crf_weight: float = 0.0, crf_kwargs: Optional[dict] = None,
              class_weights: Optional[Sequence[float]] = None) -> jax.Array:
   """Box-supervised semantic segmentation loss; see the module docstring for the modes.
 
@@ -405,6 +407,9 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
     erode_scale, core_prob, box_prob: "bbox_seg" (0.2 = WSSL's bboxErode20).
     pairwise_weight, color_threshold, pairwise_size, pairwise_dilation, warmup_steps, step:
       "boxinst" (BoxInst: 1, 0.3, 3, 2, 10000).
+    crf_weight, crf_kwargs: the WSSL modes: add ``ramp(step) * crf_weight *``
+      :func:`jaxseg.losses.crf_pairwise` ``(logits, batch, **crf_kwargs)`` (the colour-aware
+      Potts term of ``scribble_loss``; needs ``image``), ramped in over ``warmup_steps``.
     label_set_weight: "boxinst": weight of :func:`box_label_set_nll` (background outside the
       boxes, box classes or background inside); 0 = BoxInst's terms alone.
     class_weights: optional [C] cross-entropy weights (the WSSL modes).
@@ -436,16 +441,21 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
     weight = valid
     if class_weights is not None:
       weight = weight * jnp.einsum("nhwc,c->nhw", target, jnp.asarray(class_weights, jnp.float32))
-    return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1e-12)
-  if mode == "em_fixed":
-    labels = bbox_em_fixed_targets(logits, boxes, classes, bg_bias=bg_bias, fg_bias=fg_bias,
-                                   background_class=background_class)
+    loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1e-12)
   else:
-    for name, value in (("bg_portion", bg_portion), ("fg_portion", fg_portion)):
-      if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where}: {name} must be in [0, 1], got {value}")
-    labels = bbox_em_adapt_targets(logits, boxes, classes, valid, bg_portion=bg_portion,
-                                   fg_portion=fg_portion, num_iter=num_iter,
-                                   background_class=background_class)
-  targets = {"mask": labels, "valid": valid > 0}
-  return cross_entropy(logits, targets, class_weights=class_weights)
+    if mode == "em_fixed":
+      labels = bbox_em_fixed_targets(logits, boxes, classes, bg_bias=bg_bias, fg_bias=fg_bias,
+                                     background_class=background_class)
+    else:
+      for name, value in (("bg_portion", bg_portion), ("fg_portion", fg_portion)):
+        if not 0.0 <= value <= 1.0:
+          raise ValueError(f"{where}: {name} must be in [0, 1], got {value}")
+      labels = bbox_em_adapt_targets(logits, boxes, classes, valid, bg_portion=bg_portion,
+                                     fg_portion=fg_portion, num_iter=num_iter,
+                                     background_class=background_class)
+    targets = {"mask": labels, "valid": valid > 0}
+    loss = cross_entropy(logits, targets, class_weights=class_weights)
+  if crf_weight:
+    ramp = _common.warmup_factor(batch, step, warmup_steps, where)
+    loss = loss + ramp * crf_weight * crf.crf_pairwise(logits, batch, **dict(crf_kwargs or {}))
+  return loss

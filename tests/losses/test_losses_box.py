@@ -258,6 +258,24 @@ def test_boxinst_warmup_and_gradient():
   assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
 
 
+@pytest.mark.parametrize("mode", ["bbox_seg", "em_fixed"])
+def test_wssl_modes_add_the_ramped_crf_term(mode):
+  from jaxseg.losses import crf_pairwise
+  boxes, classes = _boxes()
+  rng = np.random.default_rng(9)
+  logits = jnp.asarray(rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32))
+  batch = {"boxes": boxes, "box_classes": classes,
+           "image": rng.random((2, 20, 20, 3)).astype(np.float32),
+           "step": np.full((2,), 25, np.int32)}
+  crf_kwargs = dict(kernel="local", radius=2, sigma_xy=3.0, sigma_rgb=20.0)
+  base = float(box_loss(logits, batch, mode=mode))
+  pair = float(crf_pairwise(logits, batch, **crf_kwargs))
+  got = float(box_loss(logits, batch, mode=mode, crf_weight=0.3, crf_kwargs=crf_kwargs,
+                       warmup_steps=100))
+  assert pair > 0
+  assert got == pytest.approx(base + 0.25 * 0.3 * pair, rel=1e-5)
+
+
 def test_box_label_set_nll_by_hand():
   """Outside every box only background is allowed; inside, background or the boxes' classes."""
   boxes, classes = _boxes()
