@@ -30,7 +30,7 @@ LOSSES = [
     ("crf_pairwise dense grid scale=0.5", dict(name="crf_pairwise", scale=0.5)),
     ("crf_pairwise local r=5", dict(name="crf_pairwise", kernel="local", radius=5)),
     ("scribble_loss (dense grid)", dict(name="scribble_loss")),
-    ("scribble_loss (local r=5, as in the bench)",
+    ("scribble_loss local r=5 (bench)",
      dict(name="scribble_loss", kernel="local", radius=5, pairwise_weight=0.2)),
     ("scribble_em_loss (5 mean-field it.)", dict(name="scribble_em_loss")),
     ("image_level_loss newton /8", dict(name="image_level_loss")),

@@ -42,9 +42,13 @@ def loss_kwargs(mode, class_names, num_steps):
   kwargs = dict(MODES[mode][2])
   if mode == "scribble_crf":
     kwargs["warmup_steps"] = num_steps // 3
-  if mode == "tags" and class_names[0].lower() != "background":
-    # Every class is a foreground class: only the per-class lower bounds apply.
-    kwargs = dict(fg_lower=kwargs["fg_lower"], background_class=None)
+  if class_names[0].lower() != "background":
+    if mode == "tags":  # every class is a foreground class: only per-class lower bounds
+      kwargs = dict(fg_lower=kwargs["fg_lower"], background_class=None)
+    elif mode == "boxes":
+      print(f"WARNING: {class_names[0]!r} stands in for the background of the box targets: "
+            "this dataset has no background class, and classes without boxes (stuff) get "
+            "no label of their own.", flush=True)
   return kwargs
 
 
@@ -100,6 +104,9 @@ def main():
     results[mode] = {"miou": summary["miou"], "minutes": (time.time() - t0) / 60,
                      "steps": int(config.num_steps), "loss": loss, "loss_kwargs": kwargs}
     print(f"== {mode}: mIoU {100 * summary['miou']:.2f}", flush=True)
+    if os.path.exists(summary_path):  # another call may have added modes meanwhile
+      with open(summary_path) as f:
+        results = {**json.load(f), mode: results[mode]}
     with open(summary_path, "w") as f:
       json.dump(results, f, indent=2)
   full = results.get("full", {}).get("miou")
