@@ -2,7 +2,7 @@
 label kinds the trainer sees change (weak runs never see a mask; scoring uses val masks).
 
   python bench/weak_supervision.py                                   # embedded shapes dataset
-  python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 800
+  python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 600
   python bench/weak_supervision.py --modes full,scribble_crf --set num_steps=300
 
 Prints one row per supervision with its mIoU and the ratio to full supervision, and keeps

@@ -60,7 +60,7 @@ def _chance(data_dir):
 
 CCNN_XFAIL = pytest.mark.xfail(
     strict=True, reason="CCNN image-level loss stays at chance mIoU on the shapes dataset "
-    "(measured: 0.174 after 600 steps); a known shortfall, see the issue note")
+    "(measured: 0.174 after 600 and 1200 steps); a known shortfall, see README")
 
 
 @pytest.mark.slow
