@@ -52,6 +52,13 @@ def loss_kwargs(mode, class_names, num_steps):
   return kwargs
 
 
+def _read_summary(path):
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_config(spec):
   """``path.py[:variant]`` -> the recipe's ConfigDict."""
   path, _, variant = spec.partition(":")
@@ -81,10 +88,6 @@ def main():
     p.error(f"{root} already holds runs {taken}: a resumed run would report the wrong time; "
             "pass another --root or remove them")
   summary_path = os.path.join(root, "summary.json")
-  results = {}
-  if os.path.exists(summary_path):  # earlier modes of this comparison
-    with open(summary_path) as f:
-      results = json.load(f)
   for mode in modes:
     kinds, loss, _ = MODES[mode]
     config = load_config(args.config)
@@ -101,14 +104,14 @@ def main():
     config.eval_every = config.num_steps + 1
     t0 = time.time()
     summary = loop.train_and_evaluate(config, os.path.join(root, mode))
+    print(f"== {mode}: mIoU {100 * summary['miou']:.2f}", flush=True)
+    # Merge into the file as it is now: earlier (or concurrent) calls may have added modes.
+    results = _read_summary(summary_path)
     results[mode] = {"miou": summary["miou"], "minutes": (time.time() - t0) / 60,
                      "steps": int(config.num_steps), "loss": loss, "loss_kwargs": kwargs}
-    print(f"== {mode}: mIoU {100 * summary['miou']:.2f}", flush=True)
-    if os.path.exists(summary_path):  # another call may have added modes meanwhile
-      with open(summary_path) as f:
-        results = {**json.load(f), mode: results[mode]}
     with open(summary_path, "w") as f:
       json.dump(results, f, indent=2)
+  results = _read_summary(summary_path)
   full = results.get("full", {}).get("miou")
   print(f"\n{args.config}, seed {config.seed}")
   print(f"{'supervision':<14} {'loss':<24} {'steps':>6} {'mIoU':>6} {'/ full':>7} {'min':>5}")
