@@ -12,6 +12,7 @@ The mapping is structural: a flax variable at module path ``a/b/c`` with leaf
 | ``layers.BilinearConvTranspose`` | ``weight [I,O/g,kh,kw]`` | per group like ConvTranspose; when frozen (``trainable=False``) the entry must equal the bilinear filter and is only checked |
 | ``nn.Dense`` | ``weight [out,in]``, ``bias`` | ``weight.T`` |
 | ``nn.BatchNorm`` | ``weight, bias, running_mean, running_var`` | ``scale, bias`` and ``batch_stats`` ``mean, var``; ``num_batches_tracked`` dropped |
+| ``layers.FrozenBatchNorm`` | ``weight, bias, running_mean, running_var`` | all four in ``batch_stats`` (``scale, bias, mean, var``) |
 | ``nn.LayerNorm`` / ``nn.GroupNorm`` | ``weight, bias`` | ``scale, bias`` |
 
 So any model whose torch counterpart uses the same module names converts
@@ -55,6 +56,9 @@ def _record_modules(model, sample_input_shape, init_kwargs):
 
 
 def _torch_leaf(module, collection: str, leaf: str) -> Optional[str]:
+  if isinstance(module, layers.FrozenBatchNorm):
+    return {"scale": "weight", "bias": "bias", "mean": "running_mean",
+            "var": "running_var"}.get(leaf)
   if isinstance(module, (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm)):
     return {("params", "scale"): "weight", ("params", "bias"): "bias",
             ("batch_stats", "mean"): "running_mean",

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 
 from jaxseg.models import layers
 from jaxseg.models.backbones import vgg
+from jaxseg.models.heads import ASPPSumHead, DeepLabHead, DeepLabV3PlusHead, FCNHead
 from jaxseg.models.registry import register
+from jaxseg.models.segmentation import SegmentationModel, make_backbone, scaled
 
 DEEPLAB_VGG_POOLS = ((3, 2, 1),) * 3 + ((3, 1, 1),) * 2
 OUTPUT_STRIDE = 8
@@ -131,8 +133,96 @@ def deeplabv1(*, num_classes: int, backbone: str = "vgg16", width_multiplier: fl
 
 @register("deeplabv2")
 def deeplabv2(*, num_classes: int, backbone: str = "vgg16", width_multiplier: float = 1.0,
-              fc_features: Optional[int] = None, **kwargs) -> DeepLabVGG:
-  """DeepLab v2 ASPP-L on VGG16 (four branches, rates 6, 12, 18, 24, summed)."""
+              fc_features: Optional[int] = None, **kwargs) -> nn.Module:
+  """DeepLab v2 ASPP-L, rates 6, 12, 18, 24, branch scores summed.
+
+  ``backbone="vgg16"``: four fc6-fc8 branches on pool5 (Caffe geometry, ``DeepLabVGG``).
+  ``backbone="resnet101"`` (or resnet50): ResNet at output stride 8 with every block of
+  layer3/layer4 dilated (2, 4), one dilated 3x3 conv to the classes per rate
+  (``ASPPSumHead``); logits resized with align_corners=True.
+  """
+  if backbone in ("resnet50", "resnet101"):
+    if fc_features is not None:
+      raise ValueError("deeplabv2: fc_features applies to the vgg16 backbone only")
+    rates = tuple(kwargs.pop("rates", (6, 12, 18, 24)))
+    bb = make_backbone("deeplabv2", backbone, ("vgg16", "resnet50", "resnet101"),
+                       output_stride=8, dilate_first_block=True,
+                       width_multiplier=width_multiplier, **kwargs)
+    return SegmentationModel(backbone=bb, classifier=ASPPSumHead(num_classes, rates=rates),
+                             align_corners=True)
+  if backbone != "vgg16":
+    raise ValueError(f"deeplabv2: backbone {backbone!r} is not supported; supported: vgg16, "
+                     "resnet50, resnet101")
   kwargs.setdefault("rates", (6, 12, 18, 24))
   kwargs.setdefault("pool5a", False)
   return _vgg_deeplab("deeplabv2", num_classes, backbone, width_multiplier, fc_features, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# DeepLab on ResNet / MobileNetV2 (v2 ASPP-L, v3, v3+) and torchvision's v3
+# ----------------------------------------------------------------------------
+
+MODERN_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+def _torchvision_deeplabv3(depth):
+  def builder(*, num_classes: int, aux: bool = True, width_multiplier: float = 1.0,
+              **kwargs) -> SegmentationModel:
+    backbone = make_backbone(f"deeplabv3_resnet{depth}", f"resnet{depth}", (f"resnet{depth}",),
+                             output_stride=8, width_multiplier=width_multiplier, **kwargs)
+    head = DeepLabHead(num_classes, rates=(12, 24, 36), features=scaled(256, width_multiplier),
+                       pool_first=False, dropout=0.5, extra_conv=True)
+    return SegmentationModel(backbone=backbone, classifier=head,
+                             aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+  builder.__name__ = f"deeplabv3_resnet{depth}"
+  builder.__doc__ = (
+      f"torchvision ``deeplabv3_resnet{depth}``: ResNet-{depth} at output stride 8, "
+      "``DeepLabHead`` (ASPP rates 12/24/36 with image pooling last, projection dropout "
+      "0.5, an extra 3x3 conv-BN-ReLU), ``FCNHead`` aux on c4 when ``aux``; state-dict "
+      f"compatible with ``torchvision.models.segmentation.deeplabv3_resnet{depth}``.")
+  return builder
+
+
+deeplabv3_resnet50 = register("deeplabv3_resnet50")(_torchvision_deeplabv3(50))
+deeplabv3_resnet101 = register("deeplabv3_resnet101")(_torchvision_deeplabv3(101))
+
+
+@register("deeplabv3")
+def deeplabv3(*, num_classes: int, backbone: str = "resnet101", output_stride: int = 16,
+              multi_grid: Optional[Sequence[int]] = (1, 2, 4), aux: bool = False,
+              width_multiplier: float = 1.0, **kwargs) -> SegmentationModel:
+  """DeepLab v3 as in the paper / TF code: ASPP with image pooling first (rates 6/12/18
+  at OS16, 12/24/36 at OS8), 1x1 projection, dropout 0.1, 1x1 classifier; multi-grid
+  (1, 2, 4) on a ResNet's layer4; logits resized with align_corners=True. ``aux`` adds
+  an ``FCNHead`` on c4.
+  """
+  if backbone == "mobilenet_v2":
+    multi_grid = None
+  else:
+    kwargs["multi_grid"] = multi_grid
+  bb = make_backbone("deeplabv3", backbone, MODERN_BACKBONES, output_stride=output_stride,
+                     supported_strides=(8, 16), width_multiplier=width_multiplier, **kwargs)
+  head = DeepLabHead(num_classes, rates=ASPP_RATES[output_stride],
+                     features=scaled(256, width_multiplier), pool_first=True, dropout=0.1)
+  return SegmentationModel(backbone=bb, classifier=head, align_corners=True,
+                           aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+
+
+@register("deeplabv3plus")
+def deeplabv3plus(*, num_classes: int, backbone: str = "resnet101", output_stride: int = 16,
+                  multi_grid: Optional[Sequence[int]] = None, aux: bool = False,
+                  width_multiplier: float = 1.0, **kwargs) -> SegmentationModel:
+  """DeepLab v3+: the v3 ASPP on c5 (OS16 rates 6/12/18, OS8 12/24/36) and the decoder on
+  the stride-4 c2 (48-channel reduction, two 3x3 convs of 256); logits at stride 4
+  resized with align_corners=True (TF). Any input size works.
+  """
+  if multi_grid is not None and backbone != "mobilenet_v2":
+    kwargs["multi_grid"] = multi_grid
+  bb = make_backbone("deeplabv3plus", backbone, MODERN_BACKBONES, output_stride=output_stride,
+                     supported_strides=(8, 16), width_multiplier=width_multiplier, **kwargs)
+  head = DeepLabV3PlusHead(num_classes, rates=ASPP_RATES[output_stride],
+                           features=scaled(256, width_multiplier),
+                           skip_features=scaled(48, width_multiplier))
+  return SegmentationModel(backbone=bb, classifier=head, align_corners=True,
+                           aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)

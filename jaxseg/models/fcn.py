@@ -24,7 +24,9 @@ import jax.numpy as jnp
 
 from jaxseg.models import layers
 from jaxseg.models.backbones import vgg
+from jaxseg.models.heads import FCNHead
 from jaxseg.models.registry import register
+from jaxseg.models.segmentation import SegmentationModel, make_backbone
 
 
 class FCN(nn.Module):
@@ -121,3 +123,25 @@ fcn8s = register("fcn8s")(_fcn_builder(8))
 FCN32s = functools.partial(FCN, output_stride=32)
 FCN16s = functools.partial(FCN, output_stride=16)
 FCN8s = functools.partial(FCN, output_stride=8)
+
+
+def _torchvision_fcn(depth):
+  def builder(*, num_classes: int, aux: bool = True, width_multiplier: float = 1.0,
+              **kwargs) -> SegmentationModel:
+    backbone = make_backbone(f"fcn_resnet{depth}", f"resnet{depth}", (f"resnet{depth}",),
+                             output_stride=8, width_multiplier=width_multiplier, **kwargs)
+    return SegmentationModel(
+        backbone=backbone,
+        classifier=FCNHead(num_classes, in_key="c5"),
+        aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+  builder.__name__ = f"fcn_resnet{depth}"
+  builder.__doc__ = (
+      f"torchvision ``fcn_resnet{depth}``: ResNet-{depth} at output stride 8 (layer3/4 "
+      "dilated, first block at the previous rate), ``FCNHead`` on c5 and, with ``aux``, on "
+      "c4; logits resized with align_corners=False. State-dict compatible with "
+      f"``torchvision.models.segmentation.fcn_resnet{depth}(aux_loss=aux)``.")
+  return builder
+
+
+fcn_resnet50 = register("fcn_resnet50")(_torchvision_fcn(50))
+fcn_resnet101 = register("fcn_resnet101")(_torchvision_fcn(101))

@@ -5,14 +5,17 @@ Input checks and normalisation (``check_images``, ``normalize``), crops
 ``argmax_pool`` / ``max_unpool``), resizing (``resize_bilinear``), bilinear
 transposed convolutions (``bilinear_kernel``, ``conv_transpose``,
 ``BilinearConvTranspose``) and two CPU-friendly formulations of standard layers
-(``MatmulConv``, ``NonOverlappingConvTranspose``). The DeepLab ASPP lives in
-``deeplab.py``.
+(``MatmulConv``, ``NonOverlappingConvTranspose``), adaptive average pooling with
+PyTorch's bin boundaries (``adaptive_avg_pool``) and the norm layers the backbones
+take by injection (``batch_norm``, ``FrozenBatchNorm``). Heads (ASPP, pyramid
+pooling, RefineNet blocks) live in ``jaxseg.models.heads``.
 
 Everything here is NHWC. Pooling and padding are always explicit (never XLA
 'SAME'), because 'SAME' places the odd pixel at the high end and so shifts
 features against the PyTorch/Caffe originals.
 """
-from typing import Any, Sequence, Tuple
+import functools
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +24,37 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PyTorch's default Conv/Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+# torchvision ResNet/MobileNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu"),
+# a plain (not truncated) normal.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv2d(features: int, kernel: int, stride: int = 1, dilation: int = 1, *, name: str,
+           use_bias: bool = False, kernel_init=kaiming_fan_out, dtype=jnp.float32) -> nn.Conv:
+  """``torch.nn.Conv2d(k, stride, padding=dilation*(k-1)//2, dilation)``.
+
+  Padding is explicit and symmetric: XLA 'SAME' would pad (0, 1) for a stride-2 3x3
+  conv on an even input and shift every feature against the PyTorch original.
+  """
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2,
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
+                 kernel_init=kernel_init, dtype=dtype, name=name)
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias init U(+-1/sqrt(fan_in)) (flax bias inits do not see fan_in)."""
+  bound = 1 / max(fan_in, 1) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +248,28 @@ def resize_bilinear(x, size: Tuple[int, int], *, align_corners: bool = False):
                                        method="linear", antialias=False)
 
 
+def adaptive_avg_pool(x, bins: int):
+  """``torch.nn.AdaptiveAvgPool2d(bins)`` on NHWC ``x``: [N,H,W,C] -> [N,bins,bins,C].
+
+  Bin i covers rows ``floor(i*H/b)`` to ``ceil((i+1)*H/b)`` (exclusive), so bins
+  overlap when H is not a multiple of b and repeat rows when H < b, exactly as
+  PyTorch does. Sizes are static, so this is a python loop of static slices.
+  """
+  if bins < 1:
+    raise ValueError(f"adaptive_avg_pool: bins must be >= 1, got {bins}")
+  h, w = x.shape[1], x.shape[2]
+
+  def edges(size):
+    return [((i * size) // bins, -(-((i + 1) * size) // bins)) for i in range(bins)]
+
+  if bins == 1:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  rows = [jnp.mean(x[:, r0:r1], axis=1) for r0, r1 in edges(h)]  # each [N,W,C]
+  x = jnp.stack(rows, axis=1)                                       # [N,b,W,C]
+  cols = [jnp.mean(x[:, :, c0:c1], axis=2) for c0, c1 in edges(w)]
+  return jnp.stack(cols, axis=2)
+
+
 def bilinear_kernel(k: int, channels: int, *, grouped: bool = False, dtype=jnp.float32):
   """Bilinear-interpolation kernel of a k x k transposed conv (Caffe ``upsample_filt``).
 
@@ -380,3 +436,44 @@ class NonOverlappingConvTranspose(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
     return y
+
+
+# ----------------------------------------------------------------------------
+# Norm layers for injection into backbones and heads
+# ----------------------------------------------------------------------------
+
+# PyTorch BatchNorm2d defaults (momentum 0.1 there is 0.9 here; eps 1e-5). Flax keeps the
+# biased batch variance in the running average where torch keeps the unbiased one, so
+# running statistics drift by n/(n-1) in training; eval with converted weights matches.
+# Two-pass variance (``use_fast_variance=False``) like torch: E[x^2] - E[x]^2 loses digits
+# when |mean| >> std, which deep training-mode stacks amplify.
+batch_norm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
+                               use_fast_variance=False)
+
+
+class FrozenBatchNorm(nn.Module):
+  """``torchvision.ops.misc.FrozenBatchNorm2d``: a fixed per-channel affine map.
+
+  ``y = (x - mean) * scale / sqrt(var + eps) + bias`` with all four vectors held in the
+  ``batch_stats`` collection, so the optimizer never sees them and training-mode
+  calls use them as they are (detection backbones fine-tuned at batch 1-2). Takes
+  the same keyword arguments as ``nn.BatchNorm`` (``use_running_average`` and
+  ``momentum`` are accepted and ignored), so it can be injected wherever a
+  backbone takes ``norm``. Legacy torchvision COCO_V1 detection weights need
+  ``epsilon=0.0``.
+  """
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None):
+    c = x.shape[-1]
+    scale = self.variable("batch_stats", "scale", jnp.ones, (c,), jnp.float32).value
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (c,), jnp.float32).value
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32).value
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32).value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x * mul + (bias - mean * mul)
+    return y.astype(self.dtype or x.dtype)

@@ -101,3 +101,39 @@ class VGG16(nn.Module):
           x = layers.max_pool(x, window, stride, padding, ceil_mode=self.ceil_mode)
       out[f"pool{stage}"] = x
     return out
+
+
+class VGG16Backbone(nn.Module):
+  """VGG16 under the backbone contract (torchvision ``vgg16`` geometry, floor-mode pools).
+
+  ``__call__(images [N,H,W,3] in [0,1], *, train)`` normalises and returns
+  ``{"stem": pool1, "c2": pool2, "c3": pool3, "c4": pool4, "c5": pool5}`` (strides 2..32).
+  ``output_stride`` 16 makes pool5 a 3x3 stride-1 pool; 8 does the same to pool4 and
+  dilates conv5 by 2 (the DeepLab v1 recipe). ``norm="batch"`` is vgg16_bn. VGG has no
+  ImageNet classifier here (convert torchvision's with ``convert.vgg16_state_dict``).
+  """
+  widths: Sequence[int] = VGG16_WIDTHS
+  output_stride: int = 32
+  norm: Optional[str] = None
+  mean: Sequence[float] = layers.IMAGENET_MEAN
+  std: Sequence[float] = layers.IMAGENET_STD
+  normalize: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool) -> Dict[str, Any]:
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f"vgg16: output_stride must be one of (8, 16, 32), got "
+                       f"{self.output_stride!r}")
+    layers.check_images(images, "vgg16")
+    x = images
+    if self.normalize:
+      x = layers.normalize(images, self.mean, self.std, self.dtype)
+    dense = (3, 1, 1)
+    pools = {32: DEFAULT_POOLS, 16: DEFAULT_POOLS[:4] + (dense,),
+             8: DEFAULT_POOLS[:3] + (dense, dense)}[self.output_stride]
+    out = VGG16(widths=self.widths, conv5_dilation=2 if self.output_stride == 8 else 1,
+                pools=pools, ceil_mode=False, norm=self.norm, dtype=self.dtype,
+                name="features")(x, train=train)
+    return {"stem": out["pool1"], "c2": out["pool2"], "c3": out["pool3"], "c4": out["pool4"],
+            "c5": out["pool5"]}
