@@ -4,7 +4,10 @@
 
 Prints the per-class IoU table and writes eval_<split>_metrics.json and
 eval_<split>_overlays.png into the workdir. ``--config.key=value`` overrides entries of the
-run's saved config (e.g. ``--config.crf.enabled=True`` for dense-CRF post-processing).
+run's saved config (e.g. ``--config.crf.enabled=True`` for dense-CRF post-processing, or
+``--config.inference.mode=slide --config.inference.window=(256,256)
+--config.inference.stride=(128,128)`` for sliding-window inference; see
+``jaxseg.evaluation.inference``).
 """
 from absl import app, flags, logging
 
@@ -23,6 +26,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from jaxseg.train import loop
   config = loop.load_config(FLAGS.workdir)
+  if "inference" not in config:
+    # Runs saved before the key existed: give --config.inference.* overrides a node to edit.
+    with config.unlocked():
+      config.inference = dict(mode="whole")
   for ov in _OVERRIDES:
     key, sep, value = ov.partition("=")
     if not sep:

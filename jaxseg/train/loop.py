@@ -135,6 +135,16 @@ def initial_state(config, model, num_steps: int, image_hw, rng) -> state_lib.Tra
   return state_lib.create_train_state(rng, model, tx, dummy)
 
 
+def load_pretrained(state: state_lib.TrainState, model, pretrained: str) -> state_lib.TrainState:
+  """The state with ``model.backbone`` loaded from ``pretrained`` (a known name or a .pth
+  path, see ``jaxseg.convert.pretrained``) and a fresh optimizer state."""
+  from jaxseg.convert import pretrained as pretrained_lib
+  variables = pretrained_lib.load_backbone(model, state.variables(), pretrained)
+  params = variables["params"]
+  return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
+                       opt_state=state.tx.init(params))
+
+
 def make_postprocess(config) -> Optional[Callable]:
   """Optional dense-CRF post-processing of eval logits (``config.crf``, DeepLab style)."""
   crf = config.get("crf", None)
@@ -229,6 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
                                max_to_keep=config.keep_checkpoints)
   start_step = 0
+  if ckpt.latest_step() is None and config.get("pretrained", None):
+    state = load_pretrained(state, model, config.pretrained)
+    if is_main:
+      print(f"backbone initialised from {config.pretrained}", flush=True)
   if ckpt.latest_step() is not None:
     state, rng, meta = ckpt.restore(state)
     start_step = int(meta["data_step"])
@@ -244,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
       aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes)
   state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
-  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config))
+  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config),
+                                      inference=config.get("inference", None))
 
   def host_state():
     return step_lib.unreplicate_state(state) if pmap else state
@@ -358,7 +373,8 @@ def evaluate_workdir(workdir: str, split: Optional[str] = None, *,
                         jax.random.key(0))
   state, _, meta = ckpt.restore(state, step=step)
   state = sharding.replicate(state, mesh)
-  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config))
+  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config),
+                                      inference=config.get("inference", None))
   cm, kept = evaluate(eval_step, state, _eval_batches(config, src), num_classes,
                       keep_examples=config.get("num_overlays", 8))
   if jax.process_index() == 0:

@@ -197,18 +197,31 @@ def eval_logits(state: TrainState, images):
 
 
 def make_eval_step(num_classes: int, *, mesh: Optional[Mesh] = None,
-                   postprocess: Optional[Callable] = None) -> Callable:
+                   postprocess: Optional[Callable] = None, inference=None) -> Callable:
   """Build ``eval_step(state, batch) -> {"confusion": [C,C] int32, "predictions": [N,H,W]}``.
 
   The confusion matrix is summed over the global batch (all devices and processes); pixels
-  with label 255 or ``valid == False`` do not count. ``postprocess(logits, batch)`` (e.g. a
-  dense CRF) maps logits to refined scores before the argmax.
+  with label 255 or ``valid == False`` do not count. ``inference`` chooses how logits are
+  computed: None is one eval-mode forward pass of the whole image (:func:`eval_logits`); a
+  config such as ``dict(mode="slide", window=(h, w), stride=(h, w))`` or
+  ``dict(mode="multiscale", ...)`` goes through
+  ``jaxseg.evaluation.inference.make_inference_fn`` (validated here, so a bad config fails
+  before anything is compiled). ``postprocess(logits, batch)`` (e.g. a dense CRF) maps
+  logits to refined scores before the argmax.
   """
+  from jaxseg.evaluation.inference import make_inference_fn
   from jaxseg.evaluation.metrics import confusion_matrix
   mesh = shd.make_mesh() if mesh is None else mesh
+  infer = None if inference is None else make_inference_fn(inference)
+
+  def logits_of(state, images):
+    if infer is None:
+      return eval_logits(state, images)
+    variables = state.variables()
+    return infer(lambda x: state.apply_fn(variables, x, train=False), images, num_classes)
 
   def step(state, batch):
-    logits = eval_logits(state, batch["image"])
+    logits = logits_of(state, batch["image"])
     if postprocess is not None:
       logits = postprocess(logits, batch)
     preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -51,11 +51,14 @@ class ConvNormReLU6(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    pad = (self.kernel - 1) // 2 * self.dilation
-    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                padding=[(pad, pad)] * 2, kernel_dilation=(self.dilation, self.dilation),
-                feature_group_count=self.groups, use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name="0")(x)
+    if self.groups == 1:
+      x = layers.conv2d(self.features, self.kernel, self.stride, self.dilation, name="0",
+                        dtype=self.dtype)(x)
+    elif self.groups == x.shape[-1] == self.features:
+      x = layers.DepthwiseConv(self.kernel, self.stride, self.dilation, dtype=self.dtype,
+                               name="0")(x)
+    else:
+      raise ValueError(f"mobilenet_v2: groups must be 1 or the channel count, got {self.groups}")
     return nn.relu6(self.norm(name="1")(x))
 
 
