@@ -16,9 +16,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import weak_labels
 
-IGNORE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def apply_geometries(batch: Mapping[str, np.ndarray], geometries: Sequence[Geome
   # fancy-indexing gather with broadcast index arrays.
   valid = np.zeros((n, ch, cw), bool)
   out_image = np.zeros((n, ch, cw, 3), np.float32)
-  labels = {k: np.full((n, ch, cw), IGNORE, np.int32) for k in ("mask", "scribble") if k in batch}
+  labels = {k: np.full((n, ch, cw), IGNORE_INDEX, np.int32) for k in ("mask", "scribble") if k in batch}
   inst = np.asarray(batch["instance_masks"]) if "instance_masks" in batch else None
   out_inst = np.zeros((n, inst.shape[1], ch, cw), np.uint8) if inst is not None else None
   scale = np.float32(1.0 / 255.0) if image.dtype == np.uint8 else np.float32(1.0)
@@ -161,7 +161,7 @@ def apply_geometries(batch: Mapping[str, np.ndarray], geometries: Sequence[Geome
     out_image[i] = cols * (scale * v[..., None])
     for key, dest in labels.items():
       label = np.asarray(batch[key][i]).take(ny, axis=0).take(nx, axis=1)
-      dest[i] = np.where(v, label, IGNORE)
+      dest[i] = np.where(v, label, IGNORE_INDEX)
     if inst is not None:
       out_inst[i] = inst[i].take(ny, axis=1).take(nx, axis=2) * v[None]
   if image.dtype == np.uint8:

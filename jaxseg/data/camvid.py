@@ -24,6 +24,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import features
 
 CLASS_NAMES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -81,7 +82,7 @@ def read_example(image_path: str, label_path: str, image_size=None) -> dict[str,
     raise ValueError(f"{label_path}: labels must lie in [0, {VOID}], found {label.max()}")
   image = features.resize(image, image_size, nearest=False)
   label = features.resize(label, image_size, nearest=True)
-  mask = np.where(label == VOID, features.IGNORE, label).astype(np.uint8)
+  mask = np.where(label == VOID, IGNORE_INDEX, label).astype(np.uint8)
   return features.with_weak_labels(image, mask, image_path, num_classes=NUM_CLASSES,
                                    background=STUFF_CLASSES)
 

@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import weak_labels
 
 MAX_INSTANCES = 8
-IGNORE = 255
 LABEL_KINDS = ("mask", "scribble", "boxes", "box_classes", "tags", "instance_masks")
 
 
@@ -48,7 +48,7 @@ def dataset_info(builder: tfds.core.DatasetBuilder, description: str, class_name
       builder=builder,
       description=description,
       features=segmentation_features(height, width, len(class_names), MAX_INSTANCES),
-      metadata=tfds.core.MetadataDict(class_names=list(class_names), ignore_label=IGNORE,
+      metadata=tfds.core.MetadataDict(class_names=list(class_names), ignore_label=IGNORE_INDEX,
                                       **metadata),
       disable_shuffling=True,
   )
@@ -94,7 +94,7 @@ def encode_all(examples, description: str):
   labelled = total = count = 0
   for key, example in examples:
     scribble = np.asarray(example["scribble"])
-    labelled += int((scribble != IGNORE).sum())
+    labelled += int((scribble != IGNORE_INDEX).sum())
     total += scribble.size
     count += 1
     yield key, encode_example(example)
@@ -106,8 +106,8 @@ def _label_u8(label: np.ndarray, name: str) -> np.ndarray:
   label = np.asarray(label)
   if label.ndim != 2:
     raise ValueError(f"{name} must have rank 2 [H, W], got shape {label.shape}")
-  if label.size and (label.min() < 0 or label.max() > IGNORE):
-    raise ValueError(f"{name} values must lie in [0, {IGNORE}], got [{label.min()}, {label.max()}]")
+  if label.size and (label.min() < 0 or label.max() > IGNORE_INDEX):
+    raise ValueError(f"{name} values must lie in [0, {IGNORE_INDEX}], got [{label.min()}, {label.max()}]")
   return label.astype(np.uint8)
 
 

@@ -25,9 +25,9 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import augment, features, weak_labels
 
-IGNORE = features.IGNORE
 LABEL_KINDS = features.LABEL_KINDS
 
 # Loader name -> module with a `make_builder(data_dir, **kwargs)`; imported on first use.
@@ -266,7 +266,7 @@ def _padding_like(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for key, value in example.items():
     if key in ("mask", "scribble"):
-      out[key] = np.full_like(value, IGNORE)
+      out[key] = np.full_like(value, IGNORE_INDEX)
     elif key == "box_classes":
       out[key] = np.full_like(value, -1)
     elif key == "index":

@@ -25,7 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE = 255
+from jaxseg.constants import IGNORE_INDEX
+
 
 Polyline = list[tuple[int, int]]
 
@@ -144,11 +145,11 @@ def rasterize_scribbles(
   """
   if width_px < 1 or width_px % 2 != 1:
     raise ValueError(f"width_px must be a positive odd integer, got {width_px}")
-  out = np.full((height, width), IGNORE, np.int32)
+  out = np.full((height, width), IGNORE_INDEX, np.int32)
   r = width_px // 2
   for class_id, points in scribbles:
-    if not 0 <= class_id < IGNORE:
-      raise ValueError(f"scribble class id {class_id} out of range [0, {IGNORE})")
+    if not 0 <= class_id < IGNORE_INDEX:
+      raise ValueError(f"scribble class id {class_id} out of range [0, {IGNORE_INDEX})")
     if len(points) == 0:
       continue
     ys, xs = _polyline_pixels(np.asarray(points, np.int64).reshape(-1, 2))

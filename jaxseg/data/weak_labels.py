@@ -15,9 +15,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import scribblesup
 
-IGNORE = 255
 WEAK_KINDS = ("scribble", "boxes", "tags", "instance_masks")
 
 _EIGHT = np.ones((3, 3), bool)
@@ -216,7 +216,7 @@ def scribble_polylines_from_mask(
   if not 0.0 < min_length <= max_length <= 1.0:
     raise ValueError(f"need 0 < min_length <= max_length <= 1, got {min_length}, {max_length}")
   rng = _as_seed(seed)
-  present = [int(c) for c in np.unique(mask) if c != IGNORE]
+  present = [int(c) for c in np.unique(mask) if c != IGNORE_INDEX]
   if classes is not None:
     present = [c for c in present if c in set(int(k) for k in classes)]
   scribbles = []
@@ -281,7 +281,7 @@ def scribbles_from_mask(
   mask = _check_mask(mask)
   polylines = scribble_polylines_from_mask(mask, seed, **kwargs)
   out = scribblesup.rasterize_scribbles(mask.shape[0], mask.shape[1], polylines, width_px=width)
-  out[out != mask.astype(np.int32)] = IGNORE
+  out[out != mask.astype(np.int32)] = IGNORE_INDEX
   return (out, polylines) if return_polylines else out
 
 
@@ -291,7 +291,7 @@ def scribble_coverage(scribble: np.ndarray | Iterable[np.ndarray]) -> float:
     maps = [scribble]
   else:
     maps = [np.asarray(s) for s in scribble]
-  labelled = sum(int((m != IGNORE).sum()) for m in maps)
+  labelled = sum(int((m != IGNORE_INDEX).sum()) for m in maps)
   total = sum(m.size for m in maps)
   if total == 0:
     raise ValueError("scribble_coverage got no pixels")
@@ -315,7 +315,7 @@ def instances_from_mask(
     ``(instance_masks uint8 [K, H, W], classes int32 [K])``, ordered by class then raster order.
   """
   mask = _check_mask(mask)
-  skip = set(int(b) for b in background) | {IGNORE}
+  skip = set(int(b) for b in background) | {IGNORE_INDEX}
   masks, classes, areas = [], [], []
   for c in np.unique(mask):
     if int(c) in skip:
@@ -408,9 +408,9 @@ def tags_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> n
     float32 [num_classes].
   """
   mask = _check_mask(mask)
-  values = mask[mask != IGNORE].astype(np.int64)
+  values = mask[mask != IGNORE_INDEX].astype(np.int64)
   if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE}: "
+    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE_INDEX}: "
                      f"min {values.min()}, max {values.max()}")
   counts = np.bincount(values, minlength=num_classes)
   return (counts >= min_pixels).astype(np.float32)

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
 
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int,

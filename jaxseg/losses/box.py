@@ -32,7 +32,6 @@ from jaxseg.losses import _common
 from jaxseg.losses import crf
 from jaxseg.losses.supervised import cross_entropy
 
-IGNORE = 255
 
 
 # ----------------------------------------------------------------------------------------------

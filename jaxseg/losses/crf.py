@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.losses import _common
 
 # Grid spacing in sigmas: splat + [1,2,1]/4 blur + slice then have variance exactly sigma^2.
@@ -427,7 +428,7 @@ def mean_field(unary: jax.Array, image255: jax.Array, valid: jax.Array, *,
     self_weight = 1.0
 
   if clamp_labels is not None:
-    clamped = (clamp_labels != 255)[..., None]
+    clamped = (clamp_labels != IGNORE_INDEX)[..., None]
     onehot = jax.nn.one_hot(jnp.where(clamped[..., 0], clamp_labels, 0), c)
 
   def fix(q):

@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.losses import _common
 from jaxseg.losses import crf
 from jaxseg.losses.supervised import cross_entropy, partial_cross_entropy
 
-IGNORE = 255
 
 
 def scribble_loss(logits: jax.Array, batch: dict, *,
@@ -116,7 +116,7 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
   valid = _common.get_valid(batch, (n, h, w), where)
   if not 0.0 <= min_confidence < 1.0:
     raise ValueError(f"{where}: min_confidence must be in [0, 1), got {min_confidence}")
-  scribbled = (scribble != IGNORE) & (valid > 0)
+  scribbled = (scribble != IGNORE_INDEX) & (valid > 0)
   present = jnp.any(jax.nn.one_hot(jnp.where(scribbled, scribble, -1), c, dtype=jnp.bool_),
                     axis=(1, 2))
   allowed = present | ~jnp.any(present, axis=-1, keepdims=True)
@@ -125,11 +125,11 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
                      bilateral_weight=bilateral_weight, bilateral_sigma_xy=bilateral_sigma_xy,
                      bilateral_sigma_rgb=bilateral_sigma_rgb, spatial_weight=spatial_weight,
                      spatial_sigma_xy=spatial_sigma_xy, method=method,
-                     clamp_labels=jnp.where(scribbled, scribble, IGNORE),
+                     clamp_labels=jnp.where(scribbled, scribble, IGNORE_INDEX),
                      max_grid_cells=max_grid_cells, where=where)
   labels = jnp.argmax(q, axis=-1).astype(jnp.int32)
   keep = (valid > 0) & (jnp.max(q, axis=-1) >= min_confidence)
-  return jax.lax.stop_gradient(jnp.where(keep, labels, IGNORE))
+  return jax.lax.stop_gradient(jnp.where(keep, labels, IGNORE_INDEX))
 
 
 def scribble_em_loss(logits: jax.Array, batch: dict, *,

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
+from jaxseg.constants import IGNORE_INDEX
 
 
 def pixel_nll(logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNORE_INDEX):

@@ -43,7 +43,7 @@ class SegNet(nn.Module):
     layers.check_images(images, "segnet")
     x = layers.normalize(images, self.mean, self.std, self.dtype)
     feats = vgg.VGG16(widths=self.widths, norm="batch", norm_bias_init=0.001, pool_type="argmax",
-                      dtype=self.dtype, name="encoder")(x, train=train)
+                      dtype=self.dtype, name="backbone")(x, train=train)
     x = feats["pool5"]
     for stage in range(5, 0, -1):
       x = layers.max_unpool(x, feats[f"indices{stage}"], feats[f"conv{stage}"].shape[1:3])
@@ -54,9 +54,9 @@ class SegNet(nn.Module):
         name = f"conv{stage}_{depth - j}_D"
         x = nn.Conv(width, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
                     dtype=self.dtype, name=name)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         bias_init=nn.initializers.constant(0.001), dtype=self.dtype,
-                         name=f"{name}_bn")(x)
+        x = layers.batch_norm(use_running_average=not train,
+                              bias_init=nn.initializers.constant(0.001), dtype=self.dtype,
+                              name=f"{name}_bn")(x)
         x = nn.relu(x)
     x = nn.Conv(self.num_classes, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
                 dtype=self.dtype, name="conv1_1_D")(x)

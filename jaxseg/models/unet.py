@@ -98,8 +98,7 @@ class ConvBlock(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding=pad, use_bias=self.norm is None,
                   kernel_init=_he_normal, dtype=self.dtype, name=f"conv{i}")(x)
       if self.norm == "batch":
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, name=f"bn{i}")(x)
+        x = layers.batch_norm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
     return x
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.train import sharding as shd
 from jaxseg.train.state import TrainState, check_images
 
@@ -59,7 +60,7 @@ def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
     if not jnp.issubdtype(lab.dtype, jnp.integer):
       raise TypeError(f"batch['{key}'] must hold integer class ids; got dtype {lab.dtype}")
     if num_classes is not None and isinstance(lab, np.ndarray) and lab.size:
-      bad = (lab != 255) & ((lab < 0) | (lab >= num_classes))
+      bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= num_classes))
       if bad.any():
         vals = np.unique(lab[bad])[:8].tolist()
         raise ValueError(f"batch['{key}'] has labels {vals} outside [0, {num_classes}) "

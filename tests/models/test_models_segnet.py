@@ -74,7 +74,7 @@ def _torch_segnet(widths, num_classes):
           layers[f"{name}_bn"] = tnn.BatchNorm2d(chans[j + 1])
           dec_names.append((s, name))
       layers["conv1_1_D"] = tnn.Conv2d(w1, num_classes, 3, padding=1)
-      self.encoder = tnn.ModuleDict({k: v for k, v in layers.items() if "_D" not in k})
+      self.backbone = tnn.ModuleDict({k: v for k, v in layers.items() if "_D" not in k})
       self.dec = tnn.ModuleDict({k: v for k, v in layers.items() if "_D" in k})
       self.enc_names, self.dec_names = enc_names, dec_names
 
@@ -85,7 +85,7 @@ def _torch_segnet(widths, num_classes):
       for s in range(1, 6):
         for stage, name in self.enc_names:
           if stage == s:
-            x = torch.relu(self.encoder[f"{name}_bn"](self.encoder[name](x)))
+            x = torch.relu(self.backbone[f"{name}_bn"](self.backbone[name](x)))
         size = x.shape[2:]
         x, idx = pool(x)
         stack.append((idx, size))

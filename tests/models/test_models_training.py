@@ -28,7 +28,7 @@ def test_tiny_table_covers_every_vgg_era_model():
 def _first_layer(tree, name):
   if name == "unet":
     return tree["down0"]["conv0"]
-  return tree["encoder" if name == "segnet" else "backbone"]["conv1_1"]
+  return tree["backbone"]["conv1_1"]
 
 
 @pytest.mark.slow

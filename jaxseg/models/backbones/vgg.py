@@ -82,9 +82,9 @@ class VGG16(nn.Module):
                     kernel_dilation=(dilation, dilation), use_bias=True,
                     kernel_init=self.kernel_init, dtype=self.dtype, name=name)(x)
         if self.norm == "batch":
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           bias_init=nn.initializers.constant(self.norm_bias_init),
-                           dtype=self.dtype, name=f"{name}_bn")(x)
+          x = layers.batch_norm(use_running_average=not train,
+                                bias_init=nn.initializers.constant(self.norm_bias_init),
+                                dtype=self.dtype, name=f"{name}_bn")(x)
         x = nn.relu(x)
       out[f"conv{stage}"] = x
       if pool is not None:
