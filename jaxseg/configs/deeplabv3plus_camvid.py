@@ -11,7 +11,7 @@ on 2 CPU cores); ``:smoke`` for tests (tiny, from scratch).
 """
 import ml_collections
 
-from jaxseg.configs import shared_data_dir
+from jaxseg.configs import default_inference, shared_data_dir
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -44,7 +44,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.num_overlays = 6
   config.crf = dict(enabled=False)
-  config.inference = dict(mode="whole")
+  config.inference = default_inference()
 
   if arg == "cpu":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(120, 160))

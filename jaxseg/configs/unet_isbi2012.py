@@ -12,7 +12,7 @@ hour on 2 CPU cores; ``:smoke`` is for tests.
 """
 import ml_collections
 
-from jaxseg.configs import shared_data_dir
+from jaxseg.configs import default_inference, shared_data_dir
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -44,10 +44,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.num_overlays = 4
   config.crf = dict(enabled=False)
-  # How eval logits are computed (jaxseg.evaluation.inference): "whole", or e.g.
-  # dict(mode="slide", window=(h, w), stride=(h, w)); eval.py switches it with
-  # --config.inference.mode=slide --config.inference.window=(h,w) --config.inference.stride=...
-  config.inference = dict(mode="whole")
+  config.inference = default_inference()
 
   if arg == "cpu":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("isbi2012"), image_size=(256, 256))

@@ -5,6 +5,8 @@ seconds-long variant for tests.
 """
 import ml_collections
 
+from jaxseg.configs import default_inference
+
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -38,10 +40,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.num_overlays = 8
   config.crf = dict(enabled=False)
-  # How eval logits are computed (jaxseg.evaluation.inference): "whole", or e.g.
-  # dict(mode="slide", window=(h, w), stride=(h, w)); eval.py switches it with
-  # --config.inference.mode=slide --config.inference.window=(h,w) --config.inference.stride=...
-  config.inference = dict(mode="whole")
+  config.inference = default_inference()
 
   if arg == "smoke":
     config.builder_kwargs = dict(num_train=64, num_validation=32)

@@ -312,6 +312,8 @@ def parse_config(config: Optional[Mapping[str, Any]]) -> Tuple[str, Dict[str, An
   switched from the command line) and are ignored; keys of no mode raise ValueError.
   """
   config = {} if config is None else _as_dict(config, "inference config")
+  # Unset placeholders of a recipe's default (``configs.default_inference``) are absent keys.
+  config = {k: v for k, v in config.items() if v is not None}
   mode = config.pop("mode", "whole")
   if mode not in MODES:
     raise ValueError(f"inference mode must be one of {MODES}; got {mode!r}")
