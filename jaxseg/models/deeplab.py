@@ -168,9 +168,11 @@ ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 def _torchvision_deeplabv3(depth):
   def builder(*, num_classes: int, aux: bool = True, width_multiplier: float = 1.0,
+              backbone: str = f"resnet{depth}", output_stride: int = 8,
               **kwargs) -> SegmentationModel:
-    backbone = make_backbone(f"deeplabv3_resnet{depth}", f"resnet{depth}", (f"resnet{depth}",),
-                             output_stride=8, width_multiplier=width_multiplier, **kwargs)
+    backbone = make_backbone(f"deeplabv3_resnet{depth}", backbone, (f"resnet{depth}",),
+                             output_stride=output_stride, supported_strides=(8,),
+                             width_multiplier=width_multiplier, **kwargs)
     head = DeepLabHead(num_classes, rates=(12, 24, 36), features=scaled(256, width_multiplier),
                        pool_first=False, dropout=0.5, extra_conv=True)
     return SegmentationModel(backbone=backbone, classifier=head,

@@ -127,9 +127,11 @@ FCN8s = functools.partial(FCN, output_stride=8)
 
 def _torchvision_fcn(depth):
   def builder(*, num_classes: int, aux: bool = True, width_multiplier: float = 1.0,
+              backbone: str = f"resnet{depth}", output_stride: int = 8,
               **kwargs) -> SegmentationModel:
-    backbone = make_backbone(f"fcn_resnet{depth}", f"resnet{depth}", (f"resnet{depth}",),
-                             output_stride=8, width_multiplier=width_multiplier, **kwargs)
+    backbone = make_backbone(f"fcn_resnet{depth}", backbone, (f"resnet{depth}",),
+                             output_stride=output_stride, supported_strides=(8,),
+                             width_multiplier=width_multiplier, **kwargs)
     return SegmentationModel(
         backbone=backbone,
         classifier=FCNHead(num_classes, in_key="c5"),
