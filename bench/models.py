@@ -1,78 +1,152 @@
-"""Train-step speed of every VGG-era model, and SegNet / FCN-8s against PyTorch.
+"""Train-step speed of every registered model, against PyTorch where a twin exists.
 
-For each model: parameter count, compile time of the jitted train step and
-images/s of forward + softmax cross-entropy + backward + SGD-momentum update
-(float32, train mode: BatchNorm statistics and dropout active). For SegNet and
-FCN-8s the same step runs in an equivalent hand-written PyTorch model (same
-layers, same parameter count, printed) in the same process, with the ratio
-jax/torch. Default: full-width models, 64x64 images, batch 2, 3 timed steps
-(a few minutes on 2 CPU cores):
+Every name in ``jaxseg.models.names()`` runs at least once (``CASES`` lists the cases; a
+name registered later and missing there runs with its defaults, with a note). Each case
+runs the library's own step, ``jaxseg.train.make_train_step(jaxseg.losses.cross_entropy)``
+on a state from ``jaxseg.train.create_train_state`` replicated as the trainer does:
+forward in train mode (BatchNorm statistics, dropout), softmax cross-entropy plus
+``--aux-weight`` times the cross-entropy of every auxiliary head, backward and an
+SGD-momentum update (lr 1e-3, momentum 0.9), float32, state donated. The batch is put on
+the device once (data loading is not measured). Printed per case: parameter count, compile
+time, steady-state images/s and, with a PyTorch twin, the same step in PyTorch (same
+input, batch, loss incl. aux with the same weight, optimizer) and the ratio jaxseg/torch.
 
-  python bench/models.py [--models segnet,fcn8s] [--size 64] [--batch 2] [--steps 3]
-                         [--width 1.0] [--no-torch] [--torch-threads N]
+Compile time is the time of the first two calls minus two steady steps (with the state
+donated a second call could compile again; the ``jits`` column says how many programs the
+step compiled, 1 when it did not). Steady-state images/s is batch / median of ``--steps``
+step times, each step waited for with ``block_until_ready`` (PyTorch: one warm-up step,
+then the median of ``--steps`` steps).
 
-Timings on a shared machine are noisy (the load average is printed): on an
-oversubscribed CPU, torch's OpenMP threads spin and lose most of their speed,
-so compare ratios only from runs on an otherwise idle machine.
+PyTorch twins: ``torchvision.models.segmentation`` fcn_resnet50/101 and
+deeplabv3_resnet50/101 (``weights=None, weights_backbone=None, aux_loss=True``; jaxseg
+builds the same layers, so the parameter counts agree) and hand-written SegNet and FCN-8s
+(same layers as jaxseg's, any ``--width``). The other models have none. Default: full
+width, 64x64 images, batch 2, 3 timed steps, torch on 2 threads (12 minutes on 2 shared
+CPU cores):
 
-FCN's conv1_1 pads by 100 and Dilation reflect-pads by 186 px per side, so at
-64 px they compute on 262 px and 436 px maps: their images/s are not
-comparable with the other models at the same nominal size.
+  python bench/models.py [--models segnet,deeplabv3plus] [--size 64] [--batch 2] [--steps 3]
+                         [--width 1.0] [--no-torch] [--torch-threads 2] [--aux-weight 0.4]
+
+``--models`` takes model names (every case of that name) or case labels such as
+``deeplabv3plus/mobilenet_v2``. Timings on a shared machine are noisy (the load average
+is printed before, after and at the end of every row): on an oversubscribed CPU, torch's
+OpenMP threads spin and lose most of their speed, so compare ratios only from runs on an
+otherwise idle machine.
+
+FCN's conv1_1 pads by 100 and Dilation reflect-pads by 186 px per side, so at 64 px they
+compute on 262 px and 436 px maps: their images/s are not comparable with the other models
+at the same nominal size. The ResNet models at output stride 8 see 8x8 maps at 64 px.
+RefineNet runs at output stride 32, so at 64 px its c5 and RefineNet-4 block are 2x2 maps,
+where XLA:CPU's 3x3 convolution is pathologically slow (batch 2, 512 -> 512: forward 27 ms
+at 2x2, 0.8 ms at 3x3; 2048 -> 512 forward + backward 0.7 s): it trains faster per image at
+96 px than at 64 px.
 """
 import argparse
+import gc
 import os
+import platform
+import statistics
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxseg
 
-MODELS = ["unet", "segnet", "fcn32s", "fcn16s", "fcn8s", "dilation", "deeplabv1", "deeplabv2"]
+# (registered name, builder kwargs). Every registered name appears at least once.
+CASES = [
+    ("unet", {}),
+    ("segnet", {}),
+    ("fcn32s", {}),
+    ("fcn16s", {}),
+    ("fcn8s", {}),
+    ("dilation", {}),
+    ("deeplabv1", {}),
+    ("deeplabv2", {"backbone": "vgg16"}),
+    ("deeplabv2", {"backbone": "resnet101"}),
+    ("fcn_resnet50", {}),
+    ("fcn_resnet101", {}),
+    ("deeplabv3_resnet50", {}),
+    ("deeplabv3_resnet101", {}),
+    ("deeplabv3", {"backbone": "resnet101"}),
+    ("deeplabv3plus", {"backbone": "resnet50"}),
+    ("deeplabv3plus", {"backbone": "resnet101"}),
+    ("deeplabv3plus", {"backbone": "mobilenet_v2"}),
+    ("pspnet", {"backbone": "resnet50"}),
+    ("refinenet", {"backbone": "resnet101"}),
+]
+
+TORCHVISION_TWINS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101")
+SGD_LR, SGD_MOMENTUM = 1e-3, 0.9
 
 
-def build(name, num_classes, width):
+def label(name, kwargs):
+  return "/".join([name] + [str(v) for v in kwargs.values()])
+
+
+def all_cases():
+  """``CASES`` plus, with defaults, any registered name they miss."""
+  cases = list(CASES)
+  covered = {name for name, _ in cases}
+  for name in jaxseg.models.names():
+    if name not in covered:
+      print(f"note: {name} is not in CASES; running it with its defaults", file=sys.stderr)
+      cases.append((name, {}))
+  return cases
+
+
+def build(name, kwargs, num_classes, width):
   if name == "unet":
     return jaxseg.models.build(name, num_classes=num_classes,
-                               features=max(1, int(round(64 * width))))
-  return jaxseg.models.build(name, num_classes=num_classes, width_multiplier=width)
+                               features=max(1, int(round(64 * width))), **kwargs)
+  return jaxseg.models.build(name, num_classes=num_classes, width_multiplier=width, **kwargs)
 
 
-def bench_jax(model, images, labels, steps):
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-  tx = optax.sgd(1e-3, momentum=0.9)
-  opt = tx.init(params)
+def load():
+  return os.getloadavg()[0]
 
-  def step(params, stats, opt, rng):
-    def loss_fn(p):
-      logits, upd = model.apply({"params": p, "batch_stats": stats}, images, train=True,
-                                mutable=["batch_stats"], rngs={"dropout": rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), upd
-    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), upd.get("batch_stats", {}), opt, loss
 
-  t0 = time.perf_counter()
-  compiled = jax.jit(step).lower(params, stats, opt, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t0
-  state = compiled(params, stats, opt, jax.random.key(1))  # warm-up
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
+# ---------------------------------------------------------------------------
+# jaxseg
+# ---------------------------------------------------------------------------
+
+def bench_jax(model, images, labels, steps, aux_weight):
+  tx = optax.sgd(SGD_LR, momentum=SGD_MOMENTUM)
+  state = jaxseg.train.create_train_state(jax.random.key(0), model, tx, images)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+  step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, aux_weight=aux_weight)
+  state = jaxseg.train.replicate(state, step.mesh)
+  batch = jaxseg.train.shard_batch({"image": images, "mask": labels}, step.mesh)
+
+  def timed(state, i):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(i))
+    jax.block_until_ready((state, metrics))
+    return state, metrics, time.perf_counter() - t0
+
+  state, metrics, t1 = timed(state, 0)
+  state, metrics, t2 = timed(state, 1)
+  times = []
   for i in range(steps):
-    state = compiled(*state[:3], jax.random.key(i + 2))
-  jax.block_until_ready(state)
-  return n_params, compile_s, steps * images.shape[0] / (time.perf_counter() - t0)
+    state, metrics, t = timed(state, i + 2)
+    times.append(t)
+  step_s = statistics.median(times)
+  n_jits = step.jitted._cache_size()
+  loss = float(metrics["loss"])
+  has_aux = "aux_loss" in metrics
+  del state, step, batch
+  return dict(params=n_params, compile_s=t1 + t2 - 2 * step_s, jits=n_jits,
+              ips=images.shape[0] / step_s, loss=loss, aux=has_aux)
 
 
 # ---------------------------------------------------------------------------
-# PyTorch equivalents (NCHW), same layer sequence as jaxseg's modules
+# PyTorch twins (NCHW)
 # ---------------------------------------------------------------------------
 
-def torch_models(num_classes, width):
+def torch_twins(num_classes, width):
+  """label -> zero-argument constructor of a torch module (output tensor or dict)."""
   import torch
   from torch import nn
 
@@ -159,67 +233,135 @@ def torch_models(num_classes, width):
       x = nn.functional.conv_transpose2d(x + p3, self.up8, stride=8)
       return x[:, :, 31:31 + h, 31:31 + w]
 
-  return {"segnet": SegNet, "fcn8s": FCN8s}
+  twins = {"segnet": SegNet, "fcn8s": FCN8s}
+  if width == 1.0:  # torchvision builds full width only
+    import torchvision.models.segmentation as tvseg
+    for name in TORCHVISION_TWINS:
+      twins[name] = (lambda fn: lambda: fn(weights=None, weights_backbone=None,
+                                           num_classes=num_classes, aux_loss=True))(
+                                               getattr(tvseg, name))
+  return twins
 
 
-def bench_torch(model_cls, images, labels, steps):
+def bench_torch(make_model, images, labels, steps, aux_weight):
   import torch
   torch.manual_seed(0)
-  model = model_cls().train()
+  model = make_model().train()
   n_params = sum(p.numel() for p in model.parameters())
-  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-  x = torch.tensor(np.asarray(images).transpose(0, 3, 1, 2).copy())
-  y = torch.tensor(np.asarray(labels), dtype=torch.long)
+  opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)
+  # jaxseg's models normalise internally; torchvision's expect normalised input.
+  mean = np.asarray(jaxseg.models.layers.IMAGENET_MEAN, np.float32)
+  std = np.asarray(jaxseg.models.layers.IMAGENET_STD, np.float32)
+  x = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(labels.astype(np.int64))
+  ce = torch.nn.CrossEntropyLoss(ignore_index=255)
+  has_aux = False
 
   def step():
+    nonlocal has_aux
+    t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    out = model(x)
+    if isinstance(out, dict):
+      loss = ce(out["out"], y)
+      if "aux" in out:
+        has_aux = True
+        loss = loss + aux_weight * ce(out["aux"], y)
+    else:
+      loss = ce(out, y)
     loss.backward()
     opt.step()
+    return time.perf_counter() - t0
 
   step()  # warm-up
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return n_params, steps * images.shape[0] / (time.perf_counter() - t0)
+  times = [step() for _ in range(steps)]
+  del model, opt
+  return dict(params=n_params, ips=images.shape[0] / statistics.median(times), aux=has_aux)
 
+
+# ---------------------------------------------------------------------------
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--models", default="",
+                      help="comma-separated model names or case labels (default: every case)")
   parser.add_argument("--size", type=int, default=64)
   parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
   parser.add_argument("--classes", type=int, default=12)
   parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
+  parser.add_argument("--aux-weight", type=float, default=0.4,
+                      help="weight of the auxiliary-head losses, both sides")
   parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--torch-threads", type=int, default=0,
+  parser.add_argument("--torch-threads", type=int, default=2,
                       help="torch.set_num_threads (0: torch's default)")
   args = parser.parse_args()
 
+  cases = all_cases()
+  if args.models:
+    wanted = set(args.models.split(","))
+    unknown = wanted - {n for n, _ in cases} - {label(n, k) for n, k in cases}
+    if unknown:
+      parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; cases: "
+                   f"{', '.join(label(n, k) for n, k in cases)}")
+    cases = [(n, k) for n, k in cases if n in wanted or label(n, k) in wanted]
+
   rng = np.random.RandomState(0)
-  images = jnp.asarray(rng.uniform(size=(args.batch, args.size, args.size, 3)), jnp.float32)
-  labels = jnp.asarray(rng.randint(0, args.classes, size=(args.batch, args.size, args.size)))
-  torch_cls = {} if args.no_torch else torch_models(args.classes, args.width)
-  if torch_cls:
+  images = rng.uniform(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
+  labels = rng.randint(0, args.classes, size=(args.batch, args.size, args.size)).astype(np.int32)
+  twins = {} if args.no_torch else torch_twins(args.classes, args.width)
+  torch_info = ""
+  if twins:
     import torch
     if args.torch_threads:
       torch.set_num_threads(args.torch_threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ", end="")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; images {args.batch}x"
-        f"{args.size}x{args.size}, {args.classes} classes, width x{args.width}, "
-        f"{args.steps} timed steps; load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} cores")
-  print(f"{'model':<10} {'params':>12} {'compile s':>10} {'img/s':>8} | "
-        f"{'torch params':>12} {'torch img/s':>11} {'jax/torch':>9}")
-  for name in args.models.split(","):
-    model = build(name, args.classes, args.width)
-    n, compile_s, ips = bench_jax(model, images, labels, args.steps)
-    line = f"{name:<10} {n:>12,} {compile_s:>10.1f} {ips:>8.2f} |"
-    if name in torch_cls:
-      tn, tips = bench_torch(torch_cls[name], images, labels, args.steps)
-      line += f" {tn:>12,} {tips:>11.2f} {ips / tips:>9.2f}"
-    print(line, flush=True)
+    torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+
+  load_before = os.getloadavg()
+  print(f"machine: {platform.platform()}, {platform.machine()} {platform.processor() or ''}, "
+        f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); python "
+        f"{platform.python_version()}")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"{torch_info}images {args.batch}x{args.size}x{args.size}, {args.classes} classes, "
+        f"width x{args.width}, aux weight {args.aux_weight}, SGD-momentum, {args.steps} timed "
+        f"steps (median)")
+  print("load average before: " + " ".join(f"{v:.2f}" for v in load_before), flush=True)
+
+  rows = []
+  for name, kwargs in cases:
+    lab = label(name, kwargs)
+    print(f"... {lab}", end="", file=sys.stderr, flush=True)
+    j = bench_jax(build(name, kwargs, args.classes, args.width), images, labels, args.steps,
+                  args.aux_weight)
+    gc.collect()
+    t = None
+    if name in twins and not kwargs:
+      t = bench_torch(twins[name], images, labels, args.steps, args.aux_weight)
+      gc.collect()
+    rows.append((lab, j, t, load()))
+    print(f": {j['ips']:.2f} img/s" + (f", torch {t['ips']:.2f}" if t else ""),
+          file=sys.stderr, flush=True)
+
+  load_after = os.getloadavg()
+  print()
+  print(f"| {'model':<28} | {'params':>12} | {'compile s':>9} | {'jits':>4} | {'aux':>3} | "
+        f"{'img/s':>6} | {'torch params':>12} | {'torch img/s':>11} | {'jax/torch':>9} | "
+        f"{'load':>4} |")
+  print("|" + "|".join("-" * (n + 2) for n in (28, 12, 9, 4, 3, 6, 12, 11, 9, 4)) + "|")
+  for lab, j, t, ld in rows:
+    line = (f"| {lab:<28} | {j['params']:>12,} | {j['compile_s']:>9.1f} | {j['jits']:>4} | "
+            f"{'yes' if j['aux'] else 'no':>3} | {j['ips']:>6.2f} |")
+    if t:
+      flag = "" if t["params"] == j["params"] and t["aux"] == j["aux"] else "*"
+      ratio = f"{j['ips'] / t['ips']:.2f}{flag}"
+      line += f" {t['params']:>12,} | {t['ips']:>11.2f} | {ratio:>9} |"
+    else:
+      line += f" {'-':>12} | {'-':>11} | {'-':>9} |"
+    print(line + f" {ld:>4.1f} |")
+  print()
+  print("load average after: " + " ".join(f"{v:.2f}" for v in load_after))
+  if any(t and (t["params"] != j["params"] or t["aux"] != j["aux"]) for _, j, t, _ in rows):
+    print("*: parameter count or aux head differs between jaxseg and the PyTorch twin")
 
 
 if __name__ == "__main__":
