@@ -79,3 +79,19 @@ def nchw(x):
 
 def nhwc(t):
   return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def randomise_batch_norms(model, seed=0):
+  """Sets every torch BatchNorm2d's statistics and affine parameters to non-trivial values,
+  so that parity tests see the normalisation (fresh layers are the identity in eval)."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        c = m.num_features
+        m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+  return model

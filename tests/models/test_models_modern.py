@@ -176,24 +176,11 @@ def test_backbone_feature_sizes_follow_torch_conv_arithmetic(name, output_stride
     assert feats[key].shape[1:3] == expected, (key, stride)
 
 
-def _randomise_norms(model, seed=0):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-  return model
-
-
 def test_dilated_mobilenet_v2_matches_torch_with_the_tf_output_stride_rule():
   """Values, not just sizes: the depthwise rates of a dilated MobileNetV2 (OS8: blocks 7-13
   at rate 2 with block 7 at rate 1, blocks 14-17 at rate 4 with block 14 at rate 2)."""
   torch.manual_seed(0)
-  tmodel = _randomise_norms(_dilate_mobilenet_v2(
+  tmodel = tu.randomise_batch_norms(_dilate_mobilenet_v2(
       torchvision.models.mobilenet_v2(width_mult=0.5), 8)).eval()
   bb = jaxseg.models.build_backbone("mobilenet_v2", output_stride=8, width_multiplier=0.5)
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}

@@ -24,19 +24,6 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 TOL = 1e-4
 
 
-def _randomise_norms(model, seed=0):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-  return model
-
-
 def _state_dict(model):
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
@@ -64,7 +51,7 @@ SEGMENTATION = [
 @pytest.mark.parametrize("name,tv_builder,sizes", SEGMENTATION, ids=[c[0] for c in SEGMENTATION])
 def test_segmentation_models_match_torchvision(name, tv_builder, sizes):
   torch.manual_seed(0)
-  tmodel = _randomise_norms(tv_builder(weights=None, weights_backbone=None, num_classes=7,
+  tmodel = tu.randomise_batch_norms(tv_builder(weights=None, weights_backbone=None, num_classes=7,
                                        aux_loss=True)).eval()
   model = jaxseg.models.build(name, num_classes=7)
   variables = from_torch_state_dict(model, _state_dict(tmodel))
@@ -91,7 +78,7 @@ def _no_dropout(next_fun, args, kwargs, context):
 def test_training_mode_forward_matches_torchvision():
   """Batch statistics in training mode (dropout switched off on both sides)."""
   torch.manual_seed(1)
-  tmodel = _randomise_norms(seg.deeplabv3_resnet50(weights=None, weights_backbone=None,
+  tmodel = tu.randomise_batch_norms(seg.deeplabv3_resnet50(weights=None, weights_backbone=None,
                                                    num_classes=5, aux_loss=True))
   for m in tmodel.modules():
     if isinstance(m, torch.nn.Dropout):
@@ -123,7 +110,7 @@ CLASSIFIERS = [
 @pytest.mark.parametrize("name,tv_builder,kwargs", CLASSIFIERS, ids=[c[0] for c in CLASSIFIERS])
 def test_backbone_classifiers_match_torchvision(name, tv_builder, kwargs):
   torch.manual_seed(2)
-  tmodel = _randomise_norms(tv_builder()).eval()
+  tmodel = tu.randomise_batch_norms(tv_builder()).eval()
   bb = jaxseg.models.build_backbone(name, num_classes=1000, **kwargs)
   variables = from_torch_state_dict(bb, _state_dict(tmodel))
   assert tu.param_count(variables["params"]) == sum(p.numel() for p in tmodel.parameters())
@@ -140,7 +127,7 @@ def test_dilated_resnet_features_match_torchvision_dilation():
   """output_stride 8/16 equals torchvision's replace_stride_with_dilation."""
   torch.manual_seed(3)
   for os_, rswd in ((16, [False, False, True]), (8, [False, True, True])):
-    tmodel = _randomise_norms(torchvision.models.resnet50(
+    tmodel = tu.randomise_batch_norms(torchvision.models.resnet50(
         weights=None, replace_stride_with_dilation=rswd)).eval()
     bb = jaxseg.models.build_backbone("resnet50", output_stride=os_)
     sd = {k: v for k, v in _state_dict(tmodel).items() if not k.startswith("fc.")}
