@@ -422,7 +422,7 @@ class DepthwiseConv(nn.Module):
   kernel_size: int = 3
   stride: int = 1
   dilation: int = 1
-  kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  kernel_init: Any = kaiming_fan_out
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -8,7 +8,7 @@ trainer does in training) and its input-size logits are sown there as ``aux_logi
 The attribute names are torchvision's (``backbone``, ``classifier``,
 ``aux_classifier``), so torchvision segmentation state dicts convert structurally.
 """
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -70,7 +70,3 @@ def scaled(channels: int, width_multiplier: float) -> int:
   """A head width scaled like the backbone's channels (thin variants), at least 1."""
   return max(1, int(round(channels * width_multiplier)))
 
-
-def head_kwargs(kwargs: Dict[str, Any], *names: str) -> Dict[str, Any]:
-  """Pops the named head options out of a builder's kwargs (the rest go to the backbone)."""
-  return {n: kwargs.pop(n) for n in names if n in kwargs}

@@ -28,8 +28,6 @@ INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64
 FEATURE_INDICES = {"stem": 1, "c2": 3, "c3": 6, "c4": 13, "c5": 17}
 OUTPUT_STRIDES = (8, 16, 32)
 
-conv_init = layers.kaiming_fan_out
-
 
 def make_divisible(v: float, divisor: int = 8) -> int:
   """torchvision's ``_make_divisible``: round to a multiple of 8, never down by > 10%."""
@@ -80,7 +78,7 @@ class InvertedResidualLayers(nn.Module):
       i = 1
     x = ConvNormReLU6(self.hidden, 3, self.stride, self.dilation, groups=self.hidden,
                       norm=self.norm, dtype=self.dtype, name=str(i))(x)
-    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init,
+    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=layers.kaiming_fan_out,
                 dtype=self.dtype, name=str(i + 1))(x)
     return self.norm(name=str(i + 2))(x)
 
