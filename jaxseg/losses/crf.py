@@ -30,6 +30,14 @@ position p and colour c (RGB in 0-255 units). Three filters compute it:
 The Potts energy ``E = sum_ij W_ij S_i^T (1 - S_j)`` (i, j over valid pixels) has gradient
 ``dE/dS_i = sum_j W_ij (1 - 2 S_j)`` for symmetric W; a ``custom_vjp`` returns it from the
 forward filtering, so the backward pass costs no second filter (rloss does the same).
+
+Mean field (``mean_field``, ``dense_crf``) follows Krähenbühl's densecrf rather than the raw
+kernel sums of the paper's equations: each kernel's message is normalised per pixel by the
+kernel's row sum ``n_i = sum_j W_ij`` (itself a filtering of ones), by default symmetrically,
+``n_i^-1/2 sum_j W_ij n_j^-1/2 Q_j`` (densecrf's NORMALIZE_SYMMETRIC). The message is then a
+weighted average of marginals in [0, 1], so densecrf's weights (in nats) carry over; the raw
+sums scale with the kernel's mass (thousands of pixels at sigma_xy = 80) and swamp the unary.
+Like densecrf, the sums include j = i.
 """
 import dataclasses
 import functools
@@ -389,22 +397,61 @@ def _spatial_blur(values, sigma):
   return jnp.einsum("ab,nhbk->nhak", gauss(w), out, precision=hi)
 
 
+_NORMALIZATIONS = ("symmetric", "after", "before", "none")
+
+
+def _message_factors(filter_fn, valid, normalization):
+  """Per-pixel factors (pre, post) [N,H,W,1] so that a message is ``post * K(pre * Q)``.
+
+  densecrf's NormalizationType with n = K @ valid (the kernel's row sums over the pixels that
+  send messages, filtered by the same filter so a fast filter's error largely cancels):
+  "symmetric" pre = post = n^-1/2, "after" post = 1/n, "before" pre = 1/n, "none" neither.
+  ``pre`` carries ``valid``, so invalid pixels send nothing.
+  """
+  pre = valid[..., None]
+  if normalization == "none":
+    return pre, 1.0
+  n = filter_fn(pre)
+  # Invalid pixels far from every valid one have n ~ 0; they then get no message at all.
+  inv = jnp.where(n > 1e-12, 1.0 / jnp.maximum(n, 1e-12), 0.0)
+  if normalization == "symmetric":
+    root = jnp.sqrt(inv)
+    return pre * root, root
+  if normalization == "after":
+    return pre, inv
+  return pre * inv, 1.0
+
+
 def mean_field(unary: jax.Array, image255: jax.Array, valid: jax.Array, *,
                iterations: int,
                bilateral_weight: float, bilateral_sigma_xy: float, bilateral_sigma_rgb: float,
                spatial_weight: float, spatial_sigma_xy: float,
                method: str = "grid",
+               normalization: str = "symmetric",
                clamp_labels: Optional[jax.Array] = None,
                max_grid_cells: int = DEFAULT_MAX_GRID_CELLS,
                where: str = "dense_crf") -> jax.Array:
-  """Potts mean-field updates ``Q_i(l) ~ exp(U_il + sum_m w_m sum_{j!=i} k_m(i,j) Q_j(l))``.
+  """Krähenbühl's Potts mean field ``Q <- softmax(unary + sum_m w_m Kn_m Q)`` from softmax(unary).
+
+  ``Kn_m`` is kernel m (bilateral, spatial) with densecrf's per-pixel normalisation; with the
+  default "symmetric" (NORMALIZE_SYMMETRIC, the default of densecrf 2013 / pydensecrf)
+  ``(Kn Q)_i = n_i^-1/2 sum_j k_ij n_j^-1/2 Q_j`` with ``n_i = sum_j k_ij`` -- close to a
+  weighted average of the neighbours' marginals, so ``w_m`` is in nats whatever the image
+  size and sigma. Without it (``"none"``) the message grows with the kernel's mass (~1e4 pixels for
+  sigma_xy=80) and any weight tuned for densecrf floods the image with its majority class.
+  As in densecrf the sums include j = i, and the Potts compatibility is ``-w [l = l']``
+  (the ``[l != l']`` form differs by a per-pixel constant, which the softmax removes).
 
   Args:
-    unary: float32 [N,H,W,C] log-potentials (logits).
+    unary: float32 [N,H,W,C] log-potentials (logits, i.e. minus densecrf's unary energy).
     image255: float32 [N,H,W,3] RGB in 0-255.
-    valid: float32 [N,H,W]: invalid pixels send no messages.
+    valid: float32 [N,H,W]: invalid pixels send no messages and do not count in the
+      normalisers n_i; they still receive messages.
+    normalization: densecrf's kernel normalisation: "symmetric" (default), "after"
+      (``sum_j k_ij Q_j / n_i``: the 2011 densecrf, which DeepLab v1/v2 ship), "before"
+      (``sum_j k_ij Q_j / n_j``) or "none" (raw kernel sums).
     clamp_labels: optional int32 [N,H,W]: where not 255, Q is held at that one-hot label
-      (hard constraints, e.g. scribbles).
+      (hard constraints, e.g. scribbles); clamped pixels send their one-hot label.
     Other arguments: see :func:`dense_crf`.
 
   Returns:
@@ -412,6 +459,9 @@ def mean_field(unary: jax.Array, image255: jax.Array, valid: jax.Array, *,
   """
   if method not in ("grid", "exact"):
     raise ValueError(f"{where}: unknown method {method!r}; valid: 'grid', 'exact'")
+  if normalization not in _NORMALIZATIONS:
+    raise ValueError(f"{where}: unknown normalization {normalization!r}; valid: "
+                     + ", ".join(repr(n) for n in _NORMALIZATIONS))
   _common.check_positive(where, bilateral_sigma_xy=bilateral_sigma_xy,
                          bilateral_sigma_rgb=bilateral_sigma_rgb,
                          spatial_sigma_xy=spatial_sigma_xy)
@@ -422,10 +472,17 @@ def mean_field(unary: jax.Array, image255: jax.Array, valid: jax.Array, *,
   if method == "grid":
     _check_grid(extents, max_grid_cells, where)
     spec = FilterSpec(method="grid", extents=extents)
-    self_weight = _grid_self_weight(feats, extents)[..., None]
   else:
     spec = FilterSpec(method="exact")
-    self_weight = 1.0
+
+  def bilateral(x):
+    return apply_filter(spec, feats, x)
+
+  def spatial(x):
+    return _spatial_blur(x, spatial_sigma_xy)
+
+  pre_b, post_b = _message_factors(bilateral, valid, normalization)
+  pre_s, post_s = _message_factors(spatial, valid, normalization)
 
   if clamp_labels is not None:
     clamped = (clamp_labels != IGNORE_INDEX)[..., None]
@@ -434,14 +491,10 @@ def mean_field(unary: jax.Array, image255: jax.Array, valid: jax.Array, *,
   def fix(q):
     return q if clamp_labels is None else jnp.where(clamped, onehot, q)
 
-  vmask = valid[..., None]
-
   def step(_, q):
-    qm = q * vmask
-    bilateral = apply_filter(spec, feats, qm) - self_weight * qm
-    spatial = _spatial_blur(qm, spatial_sigma_xy) - qm
-    return fix(jax.nn.softmax(unary + bilateral_weight * bilateral + spatial_weight * spatial,
-                              axis=-1))
+    message = (bilateral_weight * post_b * bilateral(pre_b * q)
+               + spatial_weight * post_s * spatial(pre_s * q))
+    return fix(jax.nn.softmax(unary + message, axis=-1))
 
   q0 = fix(jax.nn.softmax(unary, axis=-1))
   return jax.lax.fori_loop(0, int(iterations), step, q0)
@@ -455,19 +508,24 @@ def dense_crf(unary_logits: jax.Array, image: jax.Array, *,
               spatial_weight: float = 3.0,
               spatial_sigma_xy: float = 3.0,
               method: str = "grid",
+              normalization: str = "symmetric",
               valid: Optional[jax.Array] = None,
               max_grid_cells: int = DEFAULT_MAX_GRID_CELLS) -> jax.Array:
   """Fully connected CRF (Krähenbühl & Koltun 2011) by mean field, for post-processing.
 
   Potts compatibility with a bilateral kernel (position and colour) and a spatial kernel
-  (position); the unary energy is ``-unary_logits``. The default weights and sigmas are
-  Krähenbühl's demo values (pydensecrf's example: bilateral sxy=80, srgb=13, compat=10;
-  gaussian sxy=3, compat=3). DeepLab's tuned values (e.g. bilateral w=4, sxy=67, srgb=3;
-  spatial w=3, sxy=1) have a colour sigma too small for the bilateral grid at large images:
-  those need ``method="exact"`` at small sizes (a ValueError says so otherwise).
+  (position); the unary energy is ``-unary_logits``. The update is densecrf's
+  (:func:`mean_field`): each kernel's message is normalised per pixel, by default
+  symmetrically like densecrf 2013 / pydensecrf, so the weights are those of densecrf. The
+  default weights and sigmas are Krähenbühl's demo values (pydensecrf's example: bilateral
+  sxy=80, srgb=13, compat=10; gaussian sxy=3, compat=3). DeepLab's tuned values (e.g.
+  bilateral w=4, sxy=67, srgb=3; spatial w=3, sxy=1; densecrf 2011, i.e.
+  ``normalization="after"``) have a colour sigma too small for the bilateral grid at large
+  images: those need ``method="exact"`` at small sizes (a ValueError says so otherwise).
 
   The spatial kernel is computed exactly (separable Gaussian over the whole image); the
   bilateral one with the filter ``method`` ("grid" or "exact", see the module docstring).
+  The normalisers are the same filter applied to ones, so the grid's mass error cancels.
   jit-compatible: wrap it in ``jax.jit`` with the keyword arguments static (``partial``).
 
   Args:
@@ -478,8 +536,10 @@ def dense_crf(unary_logits: jax.Array, image: jax.Array, *,
       (sigma_xy in pixels, sigma_rgb in 0-255 units).
     spatial_weight, spatial_sigma_xy: the smoothness kernel.
     method: "grid" or "exact".
-    valid: optional bool [N,H,W]; invalid pixels send no messages (their output is still
-      computed).
+    normalization: "symmetric" (default), "after", "before" or "none"; see
+      :func:`mean_field`.
+    valid: optional bool [N,H,W]; invalid pixels send no messages and are left out of the
+      normalisers (their output is still computed).
 
   Returns:
     float32 [N,H,W,C] marginal probabilities.
@@ -492,4 +552,4 @@ def dense_crf(unary_logits: jax.Array, image: jax.Array, *,
                     bilateral_weight=bilateral_weight, bilateral_sigma_xy=bilateral_sigma_xy,
                     bilateral_sigma_rgb=bilateral_sigma_rgb, spatial_weight=spatial_weight,
                     spatial_sigma_xy=spatial_sigma_xy, method=method,
-                    max_grid_cells=max_grid_cells, where=where)
+                    normalization=normalization, max_grid_cells=max_grid_cells, where=where)

@@ -244,18 +244,20 @@ def test_bad_inputs():
 
 
 def _brute_mean_field(unary, image01, iterations, wb, sxy, srgb, ws, sxy_s):
+  """densecrf's update with NORMALIZE_SYMMETRIC: messages D^-1/2 K D^-1/2 Q, D = diag(K 1)
+  (j = i included). A fuller float64 model is in test_losses_dense_crf.py."""
   n, h, w, c = unary.shape
   kb = _dense_kernel(image01, sxy, srgb)
   yy, xx = np.mgrid[:h, :w]
   pos = np.stack([yy, xx], -1).reshape(-1, 2) / sxy_s
   ks = np.exp(-0.5 * np.sum((pos[:, None] - pos[None]) ** 2, -1))
+  sym = lambda k: k / np.sqrt(np.outer(k.sum(1), k.sum(1)))
   u = unary.reshape(n, -1, c).astype(np.float64)
   softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
       z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
   q = softmax(u)
-  eye = np.eye(h * w)
   for _ in range(iterations):
-    msg = np.stack([wb * (kb[i] - eye) @ q[i] + ws * (ks - eye) @ q[i] for i in range(n)])
+    msg = np.stack([wb * sym(kb[i]) @ q[i] + ws * sym(ks) @ q[i] for i in range(n)])
     q = softmax(u + msg)
   return q.reshape(n, h, w, c)
 
@@ -264,10 +266,10 @@ def test_exact_mean_field_matches_brute_force():
   rng = np.random.default_rng(11)
   image = _piecewise_image(rng, 2, 8)
   unary = rng.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
-  kw = dict(bilateral_weight=0.5, bilateral_sigma_xy=4.0, bilateral_sigma_rgb=20.0,
-            spatial_weight=0.3, spatial_sigma_xy=1.5)
+  kw = dict(bilateral_weight=5.0, bilateral_sigma_xy=4.0, bilateral_sigma_rgb=20.0,
+            spatial_weight=3.0, spatial_sigma_xy=1.5)
   ours = _compiled(dense_crf, iterations=3, method="exact", **kw)(unary, image)
-  ref = _brute_mean_field(unary, image, 3, 0.5, 4.0, 20.0, 0.3, 1.5)
+  ref = _brute_mean_field(unary, image, 3, 5.0, 4.0, 20.0, 3.0, 1.5)
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
@@ -303,5 +305,7 @@ def test_dense_crf_is_jittable_and_checks_inputs():
     dense_crf(unary, image, method="lattice")
   with pytest.raises(ValueError, match="iterations"):
     dense_crf(unary, image, iterations=-1)
+  with pytest.raises(ValueError, match="unknown normalization"):
+    dense_crf(unary, image, normalization="global")
   with pytest.raises(ValueError, match="share N,H,W"):
     dense_crf(unary, image[:, :4])
