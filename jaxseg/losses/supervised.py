@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseg.constants import IGNORE_INDEX
+from jaxseg.losses import _common
 
 
 def pixel_nll(logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNORE_INDEX):
@@ -40,8 +41,9 @@ def _weighted_mean(nll, labelled, labels, batch, class_weights):
   if class_weights is not None:
     cw = jnp.asarray(class_weights, jnp.float32)
     weight = weight * cw[jnp.where(labelled, labels, 0)]
-  # An image crop with no labelled pixel contributes nothing rather than NaN.
-  return jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1e-12)
+  # Normalised by the weight of the global batch, also under the pmap step where this shard
+  # may hold few labelled pixels; a batch with no labelled pixel gives 0 rather than NaN.
+  return _common.global_mean(jnp.sum(nll * weight), jnp.sum(weight), min_count=1e-12)
 
 
 def cross_entropy(logits: jax.Array, batch: dict, *,

@@ -277,8 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start_step, num_steps):
       batch = next(batches)
-      # Losses with a warm-up (scribble_loss, box_loss) read the step from the batch.
-      batch["step"] = np.full((len(batch["image"]),), step, np.int32)
+      # Losses with a warm-up (scribble_loss, box_loss) get step=state.step from the step.
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       done = step + 1
       if done % config.log_every == 0 or done == num_steps:

@@ -8,11 +8,20 @@ in the model code.
 
 ``parallel="pmap"`` runs the same pure step under ``jax.pmap``: gradients, loss and
 BatchNorm statistics are averaged across devices (BatchNorm layers are switched to
-cross-device statistics by intercepting ``nn.BatchNorm``). There the loss is the mean of the
-per-device losses, which equals the jit path's global loss when every device holds the same
-number of labelled pixels.
+cross-device statistics by intercepting ``nn.BatchNorm``). The loss is traced inside
+``jaxseg.losses._common.batch_sharded_over``, so losses normalised by a count (labelled
+pixels, ...) divide by the count of the global batch (``_common.global_mean``): the pmap loss
+and gradients equal the jit path's however unevenly the devices hold labelled pixels.
+
+A loss that declares a keyword ``step`` (warm-ups, ramps) is called with
+``step=state.step``; other losses are called as ``loss_fn(logits, batch)``.
+
+Label batches are checked before the step runs, NumPy and device (``jax.Array``) batches
+alike, against ``num_classes`` or, when it is not given, the class count of the model's
+logits (learnt when the step is first traced).
 """
 import functools
+import inspect
 from typing import Callable, Dict, Optional
 
 import flax
@@ -21,14 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxseg.constants import IGNORE_INDEX
+from jaxseg.losses import _common
 from jaxseg.train import sharding as shd
 from jaxseg.train.state import TrainState, check_images
 
 PMAP_AXIS = "batch"
-_LABEL_KEYS = ("mask", "scribble")
+_LABEL_KEYS = ("mask", "scribble", "box_seg")
 
 
 def collect_aux_logits(intermediates) -> list:
@@ -40,11 +50,76 @@ def collect_aux_logits(intermediates) -> list:
   return found
 
 
-def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
-  """Host-side checks that give a clear error instead of a silently wrong step.
+def loss_takes_step(loss_fn: Callable) -> bool:
+  """Whether ``loss_fn`` declares a keyword ``step`` that is still free.
 
-  Checks image rank/channels/dtype, label shapes, dtypes and (for NumPy labels, when
-  ``num_classes`` is known) that every label lies in [0, C) or is 255.
+  ``functools.partial`` layers that already bind ``step`` make it not free (the caller chose
+  the step). A ``**kwargs`` catch-all does not count as declaring ``step``: such a loss is
+  called without it. Callables whose signature cannot be read are called without it.
+  """
+  fn = loss_fn
+  while isinstance(fn, functools.partial):
+    if "step" in fn.keywords:
+      return False
+    fn = fn.func
+  try:
+    sig = inspect.signature(loss_fn)
+  except (TypeError, ValueError):
+    return False
+  param = sig.parameters.get("step")
+  return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                              inspect.Parameter.KEYWORD_ONLY)
+
+
+def _label_range(key: str, num_classes: int):
+  """(lowest valid value, text of the valid set) of ``batch[key]``."""
+  if key == "box_classes":
+    return -1, f"[-1, {num_classes}) (-1 = padding)"
+  return 0, f"[0, {num_classes}) ({IGNORE_INDEX} is the only ignore value)"
+
+
+def _out_of_range(key: str, labels, num_classes: int):
+  """Bool mask of ``labels`` (NumPy or jnp) outside the valid set of ``batch[key]``."""
+  low, _ = _label_range(key, num_classes)
+  bad = (labels < low) | (labels >= num_classes)
+  return bad if key == "box_classes" else bad & (labels != IGNORE_INDEX)
+
+
+def _raise_out_of_range(key: str, labels: np.ndarray, num_classes: int, count=None) -> None:
+  """The ValueError naming ``key`` and (up to 8 of) its bad values; nothing if all are fine.
+
+  ``count`` is the number of bad entries found over the whole global batch when ``labels``
+  are only this process's rows (multi-host): the bad ones may live on another process.
+  """
+  bad = _out_of_range(key, labels, num_classes)
+  _, valid = _label_range(key, num_classes)
+  if bad.any():
+    vals = np.unique(labels[bad])[:8].tolist()
+    raise ValueError(f"batch['{key}'] has labels {vals} outside {valid}")
+  if count:
+    raise ValueError(f"batch['{key}'] has {count} labels outside {valid} (in another "
+                     "process's rows of the global batch)")
+
+
+_RANGE_KEYS = _LABEL_KEYS + ("box_classes",)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def _count_out_of_range(labels: Dict[str, jax.Array], num_classes: int) -> Dict[str, jax.Array]:
+  """Per key, the number of bad entries of a device batch (int32 scalars, replicated)."""
+  return {k: jnp.sum(_out_of_range(k, v, num_classes), dtype=jnp.int32) for k, v in labels.items()}
+
+
+def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
+  """Checks that give a clear error instead of a silently wrong (NaN) step.
+
+  Checks image rank/channels/dtype, label shapes and dtypes and, when ``num_classes`` is
+  known, that ``mask``, ``scribble`` and ``box_seg`` lie in [0, C) or are 255 and
+  ``box_classes`` in [-1, C). NumPy labels are checked on the host. Device labels (``jax.Array``) are counted
+  on device by a small jitted reduction whose scalar result is fetched: that waits for the
+  batch and for the work queued before it on its devices (under async dispatch, the previous
+  step), but not for the step it feeds; only when something is wrong are the labels copied
+  to the host to name the bad values.
   """
   if not isinstance(batch, dict) or "image" not in batch:
     raise ValueError("a batch must be a dict with an 'image' entry")
@@ -59,25 +134,50 @@ def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
       raise ValueError(f"batch['{key}'] must have shape [N,H,W] = {(n, h, w)}; got {tuple(lab.shape)}")
     if not jnp.issubdtype(lab.dtype, jnp.integer):
       raise TypeError(f"batch['{key}'] must hold integer class ids; got dtype {lab.dtype}")
-    if num_classes is not None and isinstance(lab, np.ndarray) and lab.size:
-      bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= num_classes))
-      if bad.any():
-        vals = np.unique(lab[bad])[:8].tolist()
-        raise ValueError(f"batch['{key}'] has labels {vals} outside [0, {num_classes}) "
-                         "(255 is the only ignore value)")
+  if "box_classes" in batch:
+    cls = batch["box_classes"]
+    if cls.ndim != 2 or cls.shape[0] != n:
+      raise ValueError(f"batch['box_classes'] must have shape [N,M] with N = {n}; "
+                       f"got {tuple(cls.shape)}")
+    if not jnp.issubdtype(cls.dtype, jnp.integer):
+      raise TypeError(f"batch['box_classes'] must hold integer class ids; got dtype {cls.dtype}")
   if "valid" in batch and tuple(batch["valid"].shape) != (n, h, w):
     raise ValueError(f"batch['valid'] must have shape {(n, h, w)}; got {tuple(batch['valid'].shape)}")
+  if num_classes is not None:
+    _check_label_ranges(batch, num_classes)
 
 
-def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight):
+def _check_label_ranges(batch: Dict, num_classes: int) -> None:
+  """The range part of :func:`validate_batch` (shapes and dtypes already checked)."""
+  on_device = {}
+  for key in _RANGE_KEYS:
+    lab = batch.get(key)
+    if lab is None or not lab.size:
+      continue
+    if isinstance(lab, jax.Array):
+      on_device[key] = lab
+    else:
+      _raise_out_of_range(key, np.asarray(lab), num_classes)
+  if on_device:
+    counts = _count_out_of_range(on_device, num_classes)
+    for key, count in counts.items():
+      count = int(np.asarray(count.addressable_data(0)))
+      if count:
+        _raise_out_of_range(key, shd.to_local_numpy(on_device[key]), num_classes, count)
+
+
+def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight, pass_step: bool):
+
+  # Passed only to losses that declare it (DESIGN.md "Losses"): the batch carries data only.
+  kwargs = {"step": jnp.asarray(state.step, jnp.int32)} if pass_step else {}
 
   def compute(params):
     out, mutated = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": rng}, mutable=["batch_stats", "intermediates"])
-    main = loss_fn(out, batch)
+    main = loss_fn(out, batch, **kwargs)
     aux_list = collect_aux_logits(mutated.get("intermediates", {}))
-    aux = sum((loss_fn(a, batch) for a in aux_list), jnp.zeros((), jnp.float32))
+    aux = sum((loss_fn(a, batch, **kwargs) for a in aux_list), jnp.zeros((), jnp.float32))
     total = main + aux_weight * aux if aux_list else main
     return total, (mutated.get("batch_stats", {}), main, aux, bool(aux_list))
 
@@ -89,9 +189,15 @@ def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight):
   return grads, batch_stats, metrics
 
 
-def train_step_fn(state: TrainState, batch, rng, *, loss_fn: Callable, aux_weight: float):
-  """The pure train step (no parallelism): forward, loss, backward, optimizer update."""
-  grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight)
+def train_step_fn(state: TrainState, batch, rng, *, loss_fn: Callable, aux_weight: float,
+                  pass_step: Optional[bool] = None):
+  """The pure train step (no parallelism): forward, loss, backward, optimizer update.
+
+  ``pass_step``: call ``loss_fn(..., step=state.step)``; None = when it declares ``step``
+  (:func:`loss_takes_step`).
+  """
+  pass_step = loss_takes_step(loss_fn) if pass_step is None else pass_step
+  grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight, pass_step)
   metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
@@ -110,17 +216,30 @@ def _sync_batch_norm(axis_name: str):
   return interceptor
 
 
-def _pmap_step_fn(state, batch, rng, *, loss_fn, aux_weight):
-  with nn.intercept_methods(_sync_batch_norm(PMAP_AXIS)):
-    grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight)
+def _pmap_step_fn(state, batch, rng, *, loss_fn, aux_weight, pass_step: bool):
+  # The loss is traced inside batch_sharded_over, so count-normalised losses divide by the
+  # global count and the pmean below gives the jit path's loss and gradients.
+  with nn.intercept_methods(_sync_batch_norm(PMAP_AXIS)), \
+       _common.batch_sharded_over(PMAP_AXIS):
+    grads, batch_stats, metrics = _loss_and_grads(state, batch, rng, loss_fn, aux_weight,
+                                                  pass_step)
   grads = jax.lax.pmean(grads, PMAP_AXIS)
   metrics = jax.lax.pmean(metrics, PMAP_AXIS)
   metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
-def _is_host(batch) -> bool:
-  return all(isinstance(x, np.ndarray) for x in jax.tree.leaves(batch))
+def _host_or_sharded(batch, sharding):
+  """Leaves already carrying ``sharding`` stay on device; every other leaf as NumPy.
+
+  Only such leaves escape a copy to the host in :func:`shd.shard_batch`, so converting the
+  others first costs nothing and lets :func:`validate_batch` check them on the host.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and (sharding is not None and x.sharding == sharding):
+      return x
+    return np.asarray(x)
+  return jax.tree.map(get, batch)
 
 
 def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel: str = "jit",
@@ -130,52 +249,84 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
 
   Args:
     loss_fn: ``loss_fn(logits, batch) -> scalar``; any function of this signature, e.g. a
-      ``jaxseg.losses`` entry with hyperparameters bound by ``functools.partial``.
+      ``jaxseg.losses`` entry with hyperparameters bound by ``functools.partial``. If it
+      declares a keyword ``step`` (not already bound by a partial; ``**kwargs`` does not
+      count) it is called with ``step=state.step``, an int32 scalar array.
     mesh: the data-parallel mesh (``jit`` path); None means all devices of all processes.
     parallel: ``"jit"`` (sharded jit over ``mesh``) or ``"pmap"``. The pmap step takes and
-      returns a *replicated* state (see :func:`replicate_state`) and a host batch whose
-      size is divisible by the local device count.
+      returns a *replicated* state (see :func:`replicate_state`) and a batch whose size is
+      divisible by the local device count.
     aux_weight: weight of ``loss_fn`` on every ``aux_logits`` sown by the model.
-    num_classes: when given, NumPy label batches are checked to lie in [0, C) or be 255.
+    num_classes: C for the label range check (``mask``/``scribble`` in [0, C) or 255,
+      ``box_classes`` in [-1, C)) of every batch, NumPy or device. None: C is the last
+      dimension of the model's logits, read when the step is first traced (the first batch
+      is traced before it is checked; the trace is reused by the call).
     donate: donate the input state's buffers (do not reuse a state passed in).
 
   Returns:
     The step. ``metrics`` holds scalars: ``loss``, ``grad_norm`` and, for models with
-    auxiliary heads, ``main_loss`` and ``aux_loss``.
+    auxiliary heads, ``main_loss`` and ``aux_loss``. A batch that fails the checks raises
+    before the step is dispatched, so the (donated) state passed in is still intact.
   """
   if parallel not in ("jit", "pmap"):
     raise ValueError(f"parallel must be 'jit' or 'pmap'; got {parallel!r}")
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable loss_fn(logits, batch); got {loss_fn!r}")
+  pass_step = loss_takes_step(loss_fn)
+  traced = {}
+
+  def loss_seen(out, batch, **kwargs):
+    # Runs at trace time: records the model's class count for the label check.
+    if getattr(out, "ndim", None) == 4:
+      traced.setdefault("num_classes", int(out.shape[-1]))
+    return loss_fn(out, batch, **kwargs)
+
+  def classes(trace):
+    """``num_classes`` or the traced one, tracing first (``trace()``) if not yet known."""
+    if num_classes is not None:
+      return num_classes
+    if "num_classes" not in traced:
+      trace()
+      traced.setdefault("num_classes", None)  # a model without [N,H,W,C] logits: no check
+    return traced["num_classes"]
+
+  def needs_range_check(batch):
+    return isinstance(batch, dict) and any(k in batch for k in _RANGE_KEYS)
 
   if parallel == "pmap":
-    step = functools.partial(_pmap_step_fn, loss_fn=loss_fn, aux_weight=aux_weight)
+    step = functools.partial(_pmap_step_fn, loss_fn=loss_seen, aux_weight=aux_weight,
+                             pass_step=pass_step)
     pmapped = jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
     n_dev = jax.local_device_count()
 
     def pmap_train_step(state, batch, rng):
-      validate_batch(batch, num_classes if _is_host(batch) else None)
-      split = jax.tree.map(
-          lambda x: np.asarray(x).reshape((n_dev, -1) + np.shape(x)[1:]), batch)
+      # pmap feeds host arrays: device batches come to the host here and are checked there.
+      batch = _host_or_sharded(batch, None)
+      validate_batch(batch)
+      split = jax.tree.map(lambda x: x.reshape((n_dev, -1) + x.shape[1:]), batch)
       # One key per device so dropout masks differ across shards of the batch.
       rngs = jax.random.split(rng, n_dev)
+      if needs_range_check(batch):
+        _check_label_ranges(batch, classes(lambda: pmapped.lower(state, split, rngs)))
       state, metrics = pmapped(state, split, rngs)
       return state, jax.tree.map(lambda m: m[0], metrics)
 
     return pmap_train_step
 
   mesh = shd.make_mesh() if mesh is None else mesh
-  step = functools.partial(train_step_fn, loss_fn=loss_fn, aux_weight=aux_weight)
+  step = functools.partial(train_step_fn, loss_fn=loss_seen, aux_weight=aux_weight,
+                           pass_step=pass_step)
   repl = shd.replicated(mesh)
   jitted = jax.jit(step, in_shardings=(repl, shd.data_sharding(mesh), repl),
                    out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
 
   def train_step(state, batch, rng):
-    if _is_host(batch):
-      validate_batch(batch, num_classes)
-    else:
-      validate_batch(batch)
-    return jitted(state, shd.shard_batch(batch, mesh), rng)
+    batch = _host_or_sharded(batch, shd.data_sharding(mesh))
+    validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
+    sharded = shd.shard_batch(batch, mesh)
+    if needs_range_check(batch):
+      _check_label_ranges(batch, classes(lambda: jitted.trace(state, sharded, rng)))
+    return jitted(state, sharded, rng)
 
   train_step.jitted = jitted
   train_step.mesh = mesh
@@ -183,8 +334,22 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
 
 
 def replicate_state(state):
-  """Add the leading device axis the pmap step expects."""
-  return flax.jax_utils.replicate(state)
+  """Add the leading device axis the pmap step expects.
+
+  The copies carry the sharding of the pmap step's outputs (the local devices on a
+  ``batch`` axis), so the second step reuses the first one's executable; the arrays of
+  ``flax.jax_utils.replicate`` name their axis differently and cost a second compile.
+  """
+  devices = jax.local_devices()
+  sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return flax.jax_utils.replicate(x)  # no NumPy form; rare in a train state
+    x = np.asarray(x)
+    return jax.make_array_from_callback((len(devices),) + x.shape, sharding, lambda _: x[None])
+
+  return jax.tree.map(put, state)
 
 
 def unreplicate_state(state):
@@ -234,7 +399,7 @@ def make_eval_step(num_classes: int, *, mesh: Optional[Mesh] = None,
                    out_shardings={"confusion": repl, "predictions": data})
 
   def eval_step(state, batch):
-    validate_batch(batch, num_classes if _is_host(batch) else None)
+    validate_batch(batch, num_classes)
     return jitted(state, shd.shard_batch(batch, mesh))
 
   return eval_step

@@ -95,3 +95,33 @@ def test_bad_shapes_raise():
     cross_entropy(np.zeros((4, 4, 3), np.float32), {"mask": np.zeros((4, 4), np.int32)})
   with pytest.raises(ValueError, match="does not match"):
     cross_entropy(np.zeros((1, 4, 4, 3), np.float32), {"mask": np.zeros((1, 4, 5), np.int32)})
+
+
+@pytest.mark.parametrize("class_weights", [None, (0.5, 2.0, 1.0)])
+def test_sharded_mean_is_the_global_mean(class_weights):
+  """Under batch_sharded_over (the pmap step) each shard divides by the global count, so the
+  mean over shards of the loss and of its gradient equal the whole batch's, however unevenly
+  the shards hold scribbled pixels. A named vmap axis stands in for pmap's devices."""
+  from jaxseg.losses import _common
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 6, 5, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(4, 6, 5)).astype(np.int32)
+  scribble = np.where(rng.random(labels.shape) < 0.7, labels, 255).astype(np.int32)
+  scribble[2:] = 255
+  scribble[2:, 0, 0] = labels[2:, 0, 0]  # shard 1: one scribbled pixel per image
+  loss = lambda lg, sc: partial_cross_entropy(lg, {"scribble": sc}, class_weights=class_weights)
+  shard = lambda x: x.reshape((2, 2) + x.shape[1:])
+  whole, whole_grad = jax.value_and_grad(loss)(logits, scribble)
+
+  def sharded(lg, sc, axis_name):
+    with _common.batch_sharded_over(axis_name):
+      per_shard = jax.vmap(loss, axis_name="shards")(lg, sc)
+    return jnp.mean(per_shard)
+
+  value, grad = jax.value_and_grad(sharded)(shard(logits), shard(scribble), "shards")
+  assert float(value) == pytest.approx(float(whole), rel=1e-5)
+  np.testing.assert_allclose(np.asarray(grad).reshape(logits.shape), whole_grad, rtol=1e-4,
+                             atol=1e-7)
+  # Each shard normalised by its own count (the mean of means) is far off on this batch.
+  mean_of_means = sharded(shard(logits), shard(scribble), None)
+  assert abs(float(mean_of_means) - float(whole)) > 0.05

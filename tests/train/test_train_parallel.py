@@ -65,3 +65,32 @@ def test_two_hosts_train_like_one(tmp_path):
   single = _load(tmp_path / "single.npz")
   _assert_same(host0, host1, atol=0)
   _assert_same(host0, single, atol=1e-5)
+
+
+def _split(results):
+  """{loss: {mode: {key: array}}} from the weak worker's flat ``loss|mode|key`` names."""
+  out = {}
+  for name, value in results.items():
+    loss, mode, key = name.split("|", 2)
+    out.setdefault(loss, {}).setdefault(mode, {})[key] = value
+  return out
+
+
+def test_pmap_weak_losses_equal_jit_on_unequal_shards(tmp_path):
+  """Count-normalised losses divide by the global count under pmap too (global_mean).
+
+  Shard 0 holds ~300 scribbled pixels, shard 1 six: the mean of per-shard means (the pmap
+  step before) weights shard 1's six pixels like shard 0's three hundred.
+  """
+  _wait(_run("weak", tmp_path / "weak.npz"))
+  results = _split(_load(tmp_path / "weak.npz"))
+  assert set(results) == {"pce", "scribble", "boxinst"}
+  for loss, by_mode in results.items():
+    assert np.all(np.isfinite(by_mode["jit"]["__losses__"])), loss
+    _assert_same(by_mode["pmap"], by_mode["jit"], atol=1e-5)
+  # The same pmap run with each shard normalised by its own count differs (losses and
+  # parameters): the comparison has teeth.
+  pce = results["pce"]
+  assert np.abs(pce["pmap_local_count"]["__losses__"] - pce["jit"]["__losses__"]).max() > 1e-2
+  assert max(np.abs(pce["pmap_local_count"][k] - pce["jit"][k]).max()
+             for k in pce["jit"] if k != "__losses__") > 1e-3
