@@ -14,7 +14,10 @@ size prepares into its own TFDS config (``native`` or e.g. ``96x128``), so sizes
 Weak labels are synthesised from the masks (`jaxseg.data.weak_labels.synthesize`, seeded by the
 file name): scribbles of width 1, tags of the classes present, and instances/boxes as connected
 components of the "thing" classes (Pole, SignSymbol, Car, Pedestrian, Bicyclist; touching
-objects of one class merge), the 8 largest kept.
+objects of one class merge), the 8 largest kept. Reading adds CCNN's size tags
+(``tags_large``, classes covering more than 10% of the frame) from the stored mask, and
+`jaxseg.data.train_batches` can add WSSL's Bbox-Seg labels (label kind ``box_seg``; no
+background class here, so pixels outside every box become class 0, Sky).
 """
 from __future__ import annotations
 

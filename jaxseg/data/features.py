@@ -20,7 +20,11 @@ from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import weak_labels
 
 MAX_INSTANCES = 8
-LABEL_KINDS = ("mask", "scribble", "boxes", "box_classes", "tags", "instance_masks")
+# Label kinds a batch can carry. "tags_large" is derived from the stored mask on read (no
+# stored feature, so prepared copies stay valid); "box_seg" (WSSL Bbox-Seg labels, a dense CRF
+# per example) is computed on request by `jaxseg.data.pipeline` and cached in memory.
+LABEL_KINDS = ("mask", "scribble", "boxes", "box_classes", "tags", "tags_large",
+               "instance_masks", "box_seg")
 
 
 def segmentation_features(
@@ -129,7 +133,8 @@ def compact_example(raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def expand_example(compact: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The DESIGN.md dtypes of one example (no batch axis) from `compact_example`'s output."""
+  """The DESIGN.md dtypes of one example (no batch axis) from `compact_example`'s output, plus
+  ``tags_large`` float32 [C] (CCNN's size tags) derived from the mask where tags exist."""
   out = {"image": np.asarray(compact["image"], np.uint8)}
   for key in ("mask", "scribble"):
     if key in compact:
@@ -140,6 +145,11 @@ def expand_example(compact: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out["box_classes"] = np.asarray(compact["box_classes"], np.int32)
   if "tags" in compact:
     out["tags"] = np.asarray(compact["tags"], np.float32)
+    if "tags_large" in compact:
+      out["tags_large"] = np.asarray(compact["tags_large"], np.float32)
+    elif "mask" in compact:
+      # CCNN's size tags, from the stored mask: a bincount, cheaper than storing them.
+      out["tags_large"] = weak_labels.large_tags_from_mask(compact["mask"], len(out["tags"]))
   if "instance_masks" in compact:
     width = int(compact["instance_masks_width"])
     out["instance_masks"] = np.unpackbits(compact["instance_masks"], axis=-1, count=width)

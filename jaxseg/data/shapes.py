@@ -109,7 +109,8 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64) ->
   Returns:
     dict with ``image`` uint8 [S,S,3], ``mask`` uint8 [S,S], ``scribble`` uint8 [S,S] (255 off
     the scribbles), ``boxes`` float32 [8,4], ``box_classes`` int32 [8], ``tags`` float32 [5],
-    ``instance_masks`` uint8 [8,S,S].
+    ``tags_large`` float32 [5] (CCNN's size tags; not stored: the reader derives them from the
+    mask), ``instance_masks`` uint8 [8,S,S].
   """
   if split not in _SPLIT_IDS:
     raise ValueError(f"unknown split {split!r}; valid: {list(_SPLIT_IDS)}")
@@ -163,6 +164,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64) ->
       "boxes": boxes,
       "box_classes": box_classes,
       "tags": weak_labels.tags_from_mask(mask, NUM_CLASSES),
+      "tags_large": weak_labels.large_tags_from_mask(mask, NUM_CLASSES),
       "instance_masks": instance_masks,
   }
 

@@ -1,12 +1,15 @@
 """Weak labels synthesised from full masks: scribbles, boxes and image-level tags.
 
 Every function here is deterministic given its inputs (and ``seed`` where it takes one), so a
-dataset built from full masks carries reproducible weak labels. NumPy and SciPy only.
+dataset built from full masks carries reproducible weak labels. NumPy and SciPy only, except
+`box_seg_from_boxes` (WSSL's Bbox-Seg labels from the boxes), which runs the dense CRF of
+`jaxseg.losses.box` in JAX, imported on first use.
 
 Conventions (see DESIGN.md): masks are integer [H, W] with 255 = ignore; scribbles are int32
 [H, W] with the class on scribbled pixels and 255 elsewhere; boxes are float32 (y0, x0, y1, x1)
 inclusive pixel coordinates; box classes are int32 with -1 on padding; tags are float32
-multi-hot [C].
+multi-hot [C]; ``tags_large`` float32 [C] marks the classes covering more than 10% of the image
+(CCNN's size tags); ``box_seg`` is int32 [H, W] like a mask.
 """
 from __future__ import annotations
 
@@ -18,7 +21,16 @@ import scipy.ndimage as ndi
 from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import scribblesup
 
-WEAK_KINDS = ("scribble", "boxes", "tags", "instance_masks")
+# What `synthesize` adds by default ("tags" brings "tags_large" along).
+WEAK_KINDS = ("scribble", "boxes", "tags", "tags_large", "instance_masks")
+# Also accepted by `synthesize`, on request only: a dense CRF per example (needs the image).
+DERIVED_KINDS = ("box_seg",)
+# CCNN's size tags: a class is "large" when it covers more than this fraction of the image.
+LARGE_FRACTION = 0.10
+# `box_seg_from_boxes` runs its CRF on at most this many pixels. The exact O(P^2) filter of
+# `jaxseg.losses.crf` computes its kernel once for all iterations while it fits in one block
+# (P <= ~1800 for one image), some 20 ms; beyond, it recomputes it every iteration (~30x more).
+BOX_SEG_MAX_PIXELS = 1600
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -416,6 +428,94 @@ def tags_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> n
   return (counts >= min_pixels).astype(np.float32)
 
 
+def large_tags_from_mask(mask: np.ndarray, num_classes: int,
+                         fraction: float = LARGE_FRACTION) -> np.ndarray:
+  """CCNN's size tags: class ``c`` is on when it covers more than ``fraction`` of the image.
+
+  The fraction is over all pixels of the image, ignored ones (255) included, as the size
+  constraint's mean is over all (valid) pixels.
+
+  Returns:
+    float32 [num_classes].
+  """
+  mask = _check_mask(mask)
+  values = mask[mask != IGNORE_INDEX].astype(np.int64)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE_INDEX}: "
+                     f"min {values.min()}, max {values.max()}")
+  counts = np.bincount(values, minlength=num_classes)
+  return (counts > fraction * max(mask.size, 1)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bbox-Seg labels (WSSL): the dense-CRF segmentation of the boxes.
+
+
+_BOX_SEG_FNS = {}
+
+
+def _box_seg_fn(num_classes: int, settings: tuple):
+  """The jitted `bbox_seg_labels` for these static settings (jit caches per shape itself)."""
+  key = (num_classes, settings)
+  fn = _BOX_SEG_FNS.get(key)
+  if fn is None:
+    import functools  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from jaxseg.losses import box  # pylint: disable=g-import-not-at-top
+    fn = jax.jit(functools.partial(box.bbox_seg_labels, num_classes=num_classes,
+                                   **dict(settings)))
+    _BOX_SEG_FNS[key] = fn  # Racing threads build equal functions; dict writes are atomic.
+  return fn
+
+
+def box_seg_from_boxes(image: np.ndarray, boxes: np.ndarray, box_classes: np.ndarray, *,
+                       background_class: int = 0, max_pixels: int | None = BOX_SEG_MAX_PIXELS,
+                       **crf_settings) -> np.ndarray:
+  """WSSL's Bbox-Seg labels of one example: `jaxseg.losses.box.bbox_seg_labels` on its boxes.
+
+  The dense CRF (bboxErode20 unary, DeepLab's densecrf settings) runs on the image shrunk to at
+  most ``max_pixels`` pixels (see ``BOX_SEG_MAX_PIXELS``) and is upsampled guided by the full
+  image. The classes are renumbered to background + the classes of the example's boxes before
+  the CRF, with ``M + 1`` channels for M box slots (a Potts CRF does not care which numbers
+  the classes have, and a channel without a box never wins), so the result does not depend on
+  the dataset's class count and one compilation serves every example of a size. Costly (tens
+  of ms, plus seconds to compile): compute it once per example and keep it, as
+  `jaxseg.data.Source` does.
+
+  Args:
+    image: uint8 [H, W, 3] (or float in [0, 1]).
+    boxes: float32 [M, 4] (y0, x0, y1, x1) inclusive; box_classes: int [M], -1 = padding.
+    background_class: the label of pixels outside every box.
+    max_pixels: CRF resolution budget (None: full resolution; O(P^2) time and memory).
+    **crf_settings: other keyword arguments of `bbox_seg_labels` (``bilateral_sigma_rgb``, ...).
+
+  Returns:
+    int32 [H, W].
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"image must be [H, W, 3], got shape {image.shape}")
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  box_classes = np.asarray(box_classes, np.int64).reshape(-1)
+  if len(boxes) != len(box_classes):
+    raise ValueError(f"{len(boxes)} boxes but {len(box_classes)} box classes")
+  h, w = image.shape[:2]
+  real = (box_classes >= 0) & (box_classes != background_class)
+  classes = np.unique(box_classes[real])
+  if classes.size == 0:
+    return np.full((h, w), background_class, np.int32)
+  # Renumber: background 0, the box classes 1..K.
+  local = np.zeros(len(box_classes), np.int32)
+  local[real] = np.searchsorted(classes, box_classes[real]) + 1
+  local[box_classes < 0] = -1
+  image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+  settings = tuple(sorted(dict(crf_settings, max_pixels=max_pixels).items()))
+  fn = _box_seg_fn(len(box_classes) + 1, settings)
+  labels = np.asarray(fn(image[None], boxes[None], local[None]))[0]
+  lookup = np.concatenate([[background_class], classes]).astype(np.int32)
+  return lookup[labels]
+
+
 # ----------------------------------------------------------------------------------------------
 # All at once.
 
@@ -423,7 +523,8 @@ def tags_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> n
 def synthesize(
     example: Mapping[str, np.ndarray], seed: Any, *, num_classes: int,
     kinds: Sequence[str] = WEAK_KINDS, max_instances: int = 8, background: Sequence[int] = (0,),
-    scribble_width: int = 1, min_tag_pixels: int = 1, **scribble_kwargs,
+    scribble_width: int = 1, min_tag_pixels: int = 1, box_seg_settings: Mapping | None = None,
+    **scribble_kwargs,
 ) -> dict[str, np.ndarray]:
   """Adds the missing weak label kinds to an example that has a full ``mask``.
 
@@ -432,32 +533,41 @@ def synthesize(
   (touching instances of a class merge), padded to ``max_instances`` (largest kept).
 
   Args:
-    example: dict with ``mask`` (integer [H, W]) and possibly other keys.
+    example: dict with ``mask`` (integer [H, W]) and possibly other keys (``image`` for
+      ``box_seg``).
     seed: seed of the scribbles (int, ints or Generator).
     num_classes: number of classes (for tags).
-    kinds: which of ``scribble``, ``boxes`` (with ``box_classes``), ``tags``,
-      ``instance_masks`` to add.
+    kinds: which of ``scribble``, ``boxes`` (with ``box_classes``), ``tags`` (with
+      ``tags_large``), ``tags_large``, ``instance_masks`` and, on request only, ``box_seg``
+      (`box_seg_from_boxes`; its background is ``background[0]``) to add.
     max_instances: static instance/box count.
     background: classes that get no instance or box.
     scribble_width, **scribble_kwargs: see `scribbles_from_mask`.
     min_tag_pixels: see `tags_from_mask`.
+    box_seg_settings: keyword arguments of `box_seg_from_boxes`.
 
   Returns:
     a new dict.
   """
   if "mask" not in example:
     raise ValueError(f"synthesize needs a 'mask'; example has keys {sorted(example)}")
-  unknown = set(kinds) - set(WEAK_KINDS)
+  unknown = set(kinds) - set(WEAK_KINDS) - set(DERIVED_KINDS)
   if unknown:
-    raise ValueError(f"unknown weak label kinds {sorted(unknown)}; valid: {WEAK_KINDS}")
+    raise ValueError(f"unknown weak label kinds {sorted(unknown)}; valid: "
+                     f"{WEAK_KINDS + DERIVED_KINDS}")
+  if "box_seg" in kinds and "box_seg" not in example and "image" not in example:
+    raise ValueError(f"synthesize: 'box_seg' needs the 'image'; example has keys {sorted(example)}")
   mask = _check_mask(example["mask"])
   out = dict(example)
   if "scribble" in kinds and "scribble" not in out:
     out["scribble"] = scribbles_from_mask(mask, seed, width=scribble_width, **scribble_kwargs)
   if "tags" in kinds and "tags" not in out:
     out["tags"] = tags_from_mask(mask, num_classes, min_tag_pixels)
-  need_instances = ("instance_masks" in kinds and "instance_masks" not in out) or (
-      "boxes" in kinds and "boxes" not in out)
+  if ("tags" in kinds or "tags_large" in kinds) and "tags_large" not in out:
+    out["tags_large"] = large_tags_from_mask(mask, num_classes)
+  need_boxes = ("boxes" in kinds or "box_seg" in kinds) and "boxes" not in out
+  need_instances = ("instance_masks" in kinds and "instance_masks" not in out) or need_boxes
+  boxes = None
   if need_instances:
     if "instance_masks" in out and "box_classes" in out:
       inst, classes = np.asarray(out["instance_masks"]), np.asarray(out["box_classes"])
@@ -466,6 +576,13 @@ def synthesize(
       inst, classes = pad_instances(inst, classes, max_instances)
     if "instance_masks" in kinds and "instance_masks" not in out:
       out["instance_masks"] = inst
-    if "boxes" in kinds and "boxes" not in out:
-      out["boxes"], out["box_classes"] = boxes_from_instances(inst, classes)
+    if need_boxes:
+      boxes = boxes_from_instances(inst, classes)
+      if "boxes" in kinds:
+        out["boxes"], out["box_classes"] = boxes
+  if "box_seg" in kinds and "box_seg" not in out:
+    bx, cl = boxes if boxes is not None else (out["boxes"], out["box_classes"])
+    settings = dict(box_seg_settings or {})
+    settings.setdefault("background_class", int(background[0]) if len(background) else 0)
+    out["box_seg"] = box_seg_from_boxes(out["image"], bx, cl, **settings)
   return out

@@ -8,13 +8,18 @@ shapes are static and a new set of boxes never recompiles. :func:`box_loss` sele
 * ``"em_fixed"`` -- WSSL Bbox-EM-Fixed (Papandreou et al. 2015): E-step = argmax of the
   network's scores plus ``bg_bias`` on background everywhere and ``fg_bias`` on class l inside
   the boxes of class l; M-step = cross-entropy on that (stop-gradient) labelling.
-* ``"em_adapt"`` -- WSSL EM-Adapt: per-image adaptive biases so that at least
-  ``floor(portion * #valid pixels)`` pixels take each present class (background ``bg_portion``,
-  classes with a box ``fg_portion``), then the argmax; cross-entropy on it.
-* ``"bbox_seg"`` -- WSSL Bbox-Seg soft targets (``PasteSoftSegmentBboxByArea``): inside a box
-  of class l, P(l) = 0.75 on an eroded core holding ~``erode_scale`` of the box area and 0.5
-  on the rest, the remainder on background; background 1 outside all boxes; overlapping boxes
-  averaged per class and renormalised; soft cross-entropy.
+* ``"em_adapt"`` -- WSSL EM-Adapt with the boxes as per-pixel label sets: class l may only be
+  taken inside the boxes of class l, background anywhere; per-image adaptive biases (and a
+  repair) so that at least ``floor(fg_portion * area of the class's boxes)`` pixels take each
+  boxed class and ``floor(bg_portion * #valid pixels)`` the background; cross-entropy on it.
+* ``"bbox_seg"`` -- WSSL Bbox-Seg: cross-entropy on ``batch["box_seg"]``, the dense-CRF
+  segmentation of the boxes (:func:`bbox_seg_labels`), computed once per example before
+  training (WSSL does the same; the CRF's exact filter is far too costly per step). The data
+  pipeline produces it as the label kind ``"box_seg"``.
+* ``"bbox_soft"`` -- soft cross-entropy on the Bbox-Seg *unary* (:func:`bbox_unary_targets`,
+  ``PasteSoftSegmentBboxByArea``): inside a box of class l, P(l) = 0.75 on an eroded core
+  holding ~``erode_scale`` of the box area and 0.5 on the rest, the remainder on background;
+  background 1 outside all boxes; overlapping boxes averaged per class and renormalised.
 * ``"boxinst"`` -- BoxInst (Tian et al. 2021) adapted to semantic logits: for each class c with
   boxes, p_c = softmax probability of c and B_c = union of the class's boxes; loss = Dice of
   the max-projections of p_c and B_c on both axes + ``pairwise_weight`` * the colour-pairwise
@@ -22,14 +27,17 @@ shapes are static and a new set of boxes never recompiles. :func:`box_loss` sele
   ``-log P(y_i = y_j)`` with ``P = p_i p_j + (1 - p_i)(1 - p_j)`` in log space) +
   ``label_set_weight`` * :func:`box_label_set_nll` (background outside the boxes).
 """
-from typing import Optional, Sequence
+import math
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.constants import IGNORE_INDEX
 from jaxseg.losses import _common
 from jaxseg.losses import crf
+from jaxseg.losses import image_level
 from jaxseg.losses.supervised import cross_entropy
 
 
@@ -106,44 +114,35 @@ def bbox_em_fixed_targets(logits, boxes, box_classes, *, bg_bias: float = 1.0,
 def bbox_em_adapt_targets(logits, boxes, box_classes, valid=None, *, bg_portion: float = 0.2,
                           fg_portion: float = 0.2, num_iter: int = 1,
                           background_class: int = 0, margin: float = 1e-4) -> jax.Array:
-  """EM-Adapt labels (WSSL ``AdaptiveBiasChannel``) with the classes present in the boxes.
+  """EM-Adapt labels (WSSL ``AdaptiveBiasChannel``) restricted to the boxes.
 
-  Per image: absent classes are clipped below the smallest present score (they never win);
-  then for each present class in turn -- background first, then the others in increasing
-  index (the reference shuffles them) -- the class's scores are raised by the
-  ``k = floor(portion * #valid pixels)``-th smallest value of ``max_present - score_l`` (plus
-  ``margin``), so that at that moment at least k pixels take the class. A class adjusted later
-  can take pixels back from an earlier one; ``num_iter`` repeats the pass. (The reference's
-  final shift of all scores by a constant does not change the argmax and is omitted.) The
-  order statistic is a per-image sort with a dynamic index: jit-safe.
+  WSSL's EM-Adapt is an image-level method (:func:`jaxseg.losses.image_level.em_adapt_targets`);
+  with boxes the label set becomes per pixel: class l may only be taken inside the boxes of
+  class l, background anywhere. Each class with a box gets at least
+  ``floor(fg_portion * #valid pixels in the union of its boxes)`` pixels, the background
+  ``floor(bg_portion * #valid pixels)`` (see :func:`jaxseg.losses.image_level.em_adapt_labels`
+  for the adaptive biases and the repair that makes every quota hold when they fit).
 
   Args:
     logits: float32 [N,H,W,C] (gradient stopped).
-    boxes, box_classes: [N,M,4], [N,M]; their classes plus the background are "present".
+    boxes, box_classes: [N,M,4], [N,M].
     valid: optional float/bool [N,H,W].
 
   Returns:
-    int32 [N,H,W].
+    int32 [N,H,W]; 255 on invalid pixels.
   """
   n, h, w, c = logits.shape
-  s = jax.lax.stop_gradient(logits).reshape(n, h * w, c)
-  v = (jnp.ones((n, h * w)) if valid is None else jnp.asarray(valid).reshape(n, h * w)) > 0
-  present = _present(box_classes, c) | (jnp.arange(c) == background_class)[None]
-  pres = present[:, None, :]
-  min_present = jnp.min(jnp.where(pres, s, jnp.inf), axis=-1, keepdims=True)
-  s = jnp.where(pres, s, jnp.minimum(s, min_present - margin))
-  count = jnp.sum(v, axis=-1)
-  order = [background_class] + [l for l in range(c) if l != background_class]
-  for _ in range(int(num_iter)):
-    for l in order:
-      portion = bg_portion if l == background_class else fg_portion
-      k = jnp.floor(portion * count).astype(jnp.int32)
-      gap = jnp.max(jnp.where(pres, s, -jnp.inf), axis=-1) - s[..., l]
-      gap = jnp.sort(jnp.where(v, gap, jnp.inf), axis=-1)
-      kth = jnp.take_along_axis(gap, jnp.maximum(k - 1, 0)[:, None], axis=-1)[:, 0]
-      bias = jnp.where(present[:, l] & (k > 0), kth + margin, 0.0)
-      s = s.at[..., l].add(bias[:, None])
-  return jnp.argmax(s, axis=-1).reshape(n, h, w).astype(jnp.int32)
+  v = (jnp.ones((n, h, w)) if valid is None else jnp.asarray(valid)).reshape(n, h * w) > 0
+  is_bg = jnp.arange(c) == background_class
+  allowed = (class_box_masks(boxes, box_classes, c, h, w) | is_bg).reshape(n, h * w, c)
+  area = jnp.sum(allowed & v[..., None], axis=1).astype(jnp.float32)  # [N,C]
+  portion = jnp.where(is_bg, bg_portion, fg_portion)
+  present = _present(box_classes, c) | is_bg[None]
+  quota = jnp.floor(portion * area).astype(jnp.int32) * present
+  labels = image_level.em_adapt_labels(logits.reshape(n, h * w, c), allowed, quota, v,
+                                       background_class=background_class, num_iter=num_iter,
+                                       margin=margin)
+  return jnp.where(v, labels, IGNORE_INDEX).reshape(n, h, w)
 
 
 def _image_extent(valid, axis):
@@ -167,10 +166,13 @@ def _erosion_steps(h, w, target):
   return jnp.maximum(steps, 1.0)
 
 
-def bbox_seg_targets(boxes, box_classes, num_classes: int, height: int, width: int,
-                     valid=None, *, erode_scale: float = 0.2, core_prob: float = 0.75,
-                     box_prob: float = 0.5, background_class: int = 0) -> jax.Array:
-  """WSSL Bbox-Seg soft targets (``PasteSoftSegmentBboxByArea`` + ``TransformSegToProb``).
+def bbox_unary_targets(boxes, box_classes, num_classes: int, height: int, width: int,
+                       valid=None, *, erode_scale: float = 0.2, core_prob: float = 0.75,
+                       box_prob: float = 0.5, background_class: int = 0) -> jax.Array:
+  """WSSL's Bbox-Seg unary (``PasteSoftSegmentBboxByArea`` + ``TransformSegToProb``).
+
+  The soft box prior the Bbox-Seg dense CRF starts from (:func:`bbox_seg_labels`); ``box_loss``
+  mode "bbox_soft" trains on it directly.
 
   Each box of class l gives P(l) = ``core_prob`` on its eroded core and ``box_prob`` on the
   rest of the box, 1 - P(l) to background. The core is the box minus the image's outer
@@ -218,6 +220,161 @@ def bbox_seg_targets(boxes, box_classes, num_classes: int, height: int, width: i
   counts = counts + outside[..., None] * bg
   prob = jnp.where(counts > 0, prob / jnp.maximum(counts, 1.0), 0.0) + 1e-12
   return prob / jnp.sum(prob, axis=-1, keepdims=True)
+
+
+def _check_bbox_seg_settings(where, erode_scale, max_pixels):
+  if not 0.0 < erode_scale <= 1.0:
+    raise ValueError(f"{where}: erode_scale must be in (0, 1], got {erode_scale}")
+  if max_pixels is not None and (int(max_pixels) != max_pixels or max_pixels < 1):
+    raise ValueError(f"{where}: max_pixels must be a positive integer or None, got {max_pixels}")
+
+
+def crf_resolution(height: int, width: int, max_pixels: Optional[int]) -> Tuple[int, int]:
+  """The (h, w) at which :func:`bbox_seg_labels` runs its CRF: the image shrunk by one factor to
+  at most ``max_pixels`` pixels (never enlarged; None = full resolution)."""
+  if max_pixels is None or height * width <= max_pixels:
+    return height, width
+  factor = math.sqrt(max_pixels / float(height * width))
+  h, w = max(1, int(height * factor)), max(1, int(width * factor))
+  while h * w > max_pixels:  # float rounding of the factor
+    h, w = (h - 1, w) if h >= w else (h, w - 1)
+  return h, w
+
+
+def joint_bilateral_upsample(values: jax.Array, guide_small: jax.Array, guide: jax.Array, *,
+                             sigma_rgb: float, sigma_xy: float = 1.0) -> jax.Array:
+  """Upsamples ``values`` guided by the full-resolution image (Kopf et al. 2007).
+
+  Each output pixel averages the 4 x 4 nearest low-resolution pixels with weights
+  ``exp(-d^2 / 2 sigma_xy^2 - |guide_i - guide_small_j|^2 / 2 sigma_rgb^2)`` (d in low-resolution
+  pixels, pixel centres aligned like ``jax.image.resize``), normalised over the 16. Unlike
+  bilinear upsampling it keeps a label edge on the image's colour edge.
+
+  Args:
+    values: float32 [N,h,w,K].
+    guide_small: float32 [N,h,w,3], the image at the values' resolution.
+    guide: float32 [N,H,W,3], the same image at the output resolution (same units).
+
+  Returns:
+    float32 [N,H,W,K].
+  """
+  _, h, w, _ = values.shape
+  big_h, big_w = guide.shape[1:3]
+
+  def taps(out, small):
+    centre = (np.arange(out) + 0.5) * small / out - 0.5
+    base = np.floor(centre).astype(np.int64)
+    idx = [np.clip(base + o, 0, small - 1) for o in (-1, 0, 1, 2)]
+    dist = [centre - (base + o) for o in (-1, 0, 1, 2)]
+    return idx, dist
+
+  rows, dys = taps(big_h, h)
+  cols, dxs = taps(big_w, w)
+  logits, gathered = [], []
+  for iy, dy in zip(rows, dys):
+    v_rows, g_rows = jnp.take(values, iy, axis=1), jnp.take(guide_small, iy, axis=1)
+    for ix, dx in zip(cols, dxs):
+      g = jnp.take(g_rows, ix, axis=2)
+      d2 = (dy[:, None] ** 2 + dx[None, :] ** 2).astype(np.float32)
+      logits.append(-0.5 * d2 / sigma_xy ** 2
+                    - 0.5 * jnp.sum(jnp.square(guide - g), axis=-1) / sigma_rgb ** 2)
+      gathered.append(jnp.take(v_rows, ix, axis=2))
+  weights = jax.nn.softmax(jnp.stack(logits, axis=-1), axis=-1)  # [N,H,W,16]
+  return jnp.einsum("nhwt,tnhwk->nhwk", weights, jnp.stack(gathered))
+
+
+def bbox_seg_labels(image: jax.Array, boxes: jax.Array, box_classes: jax.Array,
+                    num_classes: int, valid: Optional[jax.Array] = None, *,
+                    erode_scale: float = 0.2, core_prob: float = 0.75, box_prob: float = 0.5,
+                    bilateral_weight: float = 45.0, bilateral_sigma_xy: float = 37.0,
+                    bilateral_sigma_rgb: float = 3.0, spatial_weight: float = 15.0,
+                    spatial_sigma_xy: float = 3.0, iterations: int = 10,
+                    method: str = "exact", normalization: str = "after",
+                    max_pixels: Optional[int] = None,
+                    upsample_sigma_rgb: float = 10.0, background_class: int = 0,
+                    max_grid_cells: int = crf.DEFAULT_MAX_GRID_CELLS) -> jax.Array:
+  """WSSL Bbox-Seg: the dense-CRF segmentation estimated from the boxes, fixed before training.
+
+  Unary = log of :func:`bbox_unary_targets` (bboxErode20: P(class) 0.75 on the eroded core, 0.5
+  on the rest of the box, background 1 outside the boxes); :func:`jaxseg.losses.crf.mean_field`
+  with DeepLab's densecrf settings for bboxErode20 (bilateral weight 45, sigma_xy 37, sigma_rgb
+  3; Gaussian weight 15, sigma_xy 3); then the argmax restricted to what the boxes allow:
+  background, or the class of a box covering the pixel (so every pixel outside the boxes is
+  background, WSSL's probability-1 background).
+
+  Cost: sigma_rgb = 3 is far below what the bilateral grid can hold (``method="grid"`` raises
+  a ValueError beyond ``max_grid_cells``), and the exact filter is O(P^2) in the pixel count,
+  which is why WSSL (and :mod:`jaxseg.data`, label kind "box_seg") computes this once per
+  example before training rather than in the loss. With ``max_pixels`` the CRF runs on the
+  image shrunk to at most that many pixels (image and unary probabilities area-averaged,
+  sigma_xy scaled with the image); its marginals are upsampled guided by the full-resolution
+  image (:func:`joint_bilateral_upsample`, so label edges stay on colour edges) and the box
+  restriction is applied at full resolution, so box borders stay exact. On the shapes
+  dataset (64x64, ``max_pixels=1600``) the labels score 0.96 mIoU against the true masks,
+  the filled boxes 0.74.
+
+  The sigmas are in pixels of the image given, as DeepLab's were on ~500x375 VOC images; on
+  much smaller images the same sigma_xy spans a larger part of the scene.
+
+  jit-compatible (``num_classes`` and the keyword settings static).
+
+  Args:
+    image: float32 [N,H,W,3] RGB in [0,1].
+    boxes: float32 [N,M,4] (y0, x0, y1, x1) inclusive; box_classes: int32 [N,M], -1 = padding.
+    num_classes: C.
+    valid: optional bool [N,H,W]; invalid pixels send no CRF messages and get label 255.
+    erode_scale, core_prob, box_prob: the unary (see :func:`bbox_unary_targets`).
+    bilateral_weight, bilateral_sigma_xy, bilateral_sigma_rgb, spatial_weight,
+      spatial_sigma_xy, iterations: the CRF (sigmas in full-resolution pixels and 0-255 RGB).
+    method: "exact" (default) or "grid" (the bilateral filter of ``mean_field``).
+    normalization: ``mean_field``'s kernel normalisation; "after" is the 2011 densecrf that
+      DeepLab (and so WSSL) ships.
+    max_pixels: run the CRF on at most this many pixels (None: full resolution).
+    upsample_sigma_rgb: colour sigma (0-255) of the guided upsampling (with ``max_pixels``).
+    background_class: the background's index.
+    max_grid_cells: ``method="grid"`` only.
+
+  Returns:
+    int32 [N,H,W] labels, 255 on invalid pixels.
+  """
+  where = "bbox_seg_labels"
+  _check_bbox_seg_settings(where, erode_scale, max_pixels)
+  n, h, w = image.shape[:3]
+  c = int(num_classes)
+  _check_background(background_class, c, where)
+  boxes = jnp.asarray(boxes, jnp.float32)
+  box_classes = jnp.asarray(box_classes, jnp.int32)
+  v = jnp.ones((n, h, w), jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
+  prob = bbox_unary_targets(boxes, box_classes, c, h, w, v, erode_scale=erode_scale,
+                            core_prob=core_prob, box_prob=box_prob,
+                            background_class=background_class)
+  image255 = jax.lax.stop_gradient(jnp.asarray(image, jnp.float32) * 255.0)
+  ch, cw = crf_resolution(h, w, max_pixels)
+  factor = math.sqrt(ch * cw / float(h * w))
+  if (ch, cw) != (h, w):
+    shrink = lambda x: jax.image.resize(x, (n, ch, cw) + x.shape[3:], "linear", antialias=True)
+    prob = shrink(prob * v[..., None])
+    cover = shrink(v[..., None])
+    # Average over the valid part of each cell only, so padding does not dilute the unary.
+    prob = jnp.where(cover > 0, prob / jnp.maximum(cover, 1e-12), jax.nn.one_hot(
+        background_class, c)) + 1e-12
+    prob = prob / jnp.sum(prob, axis=-1, keepdims=True)
+    image255 = shrink(image255)
+    crf_valid = (cover[..., 0] >= 0.5).astype(jnp.float32)
+  else:
+    crf_valid = v
+  q = crf.mean_field(jnp.log(prob), image255, crf_valid, iterations=iterations,
+                     bilateral_weight=bilateral_weight,
+                     bilateral_sigma_xy=bilateral_sigma_xy * factor,
+                     bilateral_sigma_rgb=bilateral_sigma_rgb, spatial_weight=spatial_weight,
+                     spatial_sigma_xy=spatial_sigma_xy * factor, method=method,
+                     normalization=normalization, max_grid_cells=max_grid_cells, where=where)
+  if (ch, cw) != (h, w):
+    q = joint_bilateral_upsample(q, image255, jax.lax.stop_gradient(
+        jnp.asarray(image, jnp.float32) * 255.0), sigma_rgb=upsample_sigma_rgb)
+  allowed = class_box_masks(boxes, box_classes, c, h, w) | (jnp.arange(c) == background_class)
+  labels = jnp.argmax(jnp.where(allowed, q, -1.0), axis=-1).astype(jnp.int32)
+  return jnp.where(v > 0, labels, IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +448,8 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
 
   Projection: Dice of max-projections along y and along x, averaged over the (image, class)
   pairs that have a box. Pairwise: ``sum w (-log P(y_i=y_j)) / max(sum w, 1)`` over the batch,
-  with w = [similarity >= color_threshold] * [i in a box of the class] * validity.
+  with w = [similarity >= color_threshold] * [i in a box of the class] * validity. Both means
+  are over the global batch (:func:`jaxseg.losses._common.global_mean`), also under pmap.
   """
   logits = _common.check_logits(logits, where)
   n, h, w, c = logits.shape
@@ -305,7 +463,7 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
   p = jnp.exp(log_p) * valid[..., None]
   proj = _dice(jnp.max(p, axis=1), jnp.max(in_box, axis=1), axis=1)  # along y -> [N,C]
   proj = proj + _dice(jnp.max(p, axis=2), jnp.max(in_box, axis=2), axis=1)
-  proj_loss = jnp.sum(proj * present) / jnp.maximum(jnp.sum(present), 1.0)
+  proj_loss = _common.global_mean(jnp.sum(proj * present), jnp.sum(present), min_count=1.0)
 
   offsets = neighbour_offsets(pairwise_size, pairwise_dilation)
   sim = color_similarity(image, valid, offsets)  # [N,H,W,K]
@@ -319,7 +477,7 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
                       log_1mp + _shift(log_1mp, int(dy), int(dx)))
     total = total - jnp.sum(same * weight)
     count = count + jnp.sum(weight)
-  pair_loss = total / jnp.maximum(count, 1.0)
+  pair_loss = _common.global_mean(total, count, min_count=1.0)
   return proj_loss, pair_loss
 
 
@@ -348,7 +506,7 @@ def box_label_set_nll(logits, batch, *, background_class: int = 0,
   allowed = class_box_masks(boxes, classes, c, h, w) | (jnp.arange(c) == background_class)
   log_p = jax.nn.log_softmax(logits, axis=-1)
   nll = -jax.nn.logsumexp(jnp.where(allowed, log_p, -jnp.inf), axis=-1)
-  return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  return _common.global_mean(jnp.sum(nll * valid), jnp.sum(valid), min_count=1.0)
 
 
 def boxinst_loss(logits, batch, *, pairwise_weight: float = 1.0, color_threshold: float = 0.3,
@@ -379,7 +537,15 @@ def boxinst_loss(logits, batch, *, pairwise_weight: float = 1.0, color_threshold
 # The registered loss.
 
 
-_MODES = ("em_fixed", "em_adapt", "bbox_seg", "boxinst")
+_MODES = ("em_fixed", "em_adapt", "bbox_seg", "bbox_soft", "boxinst")
+
+_BOX_SEG_HELP = (
+    "batch['box_seg'] (int [N,H,W], 255 = ignore) holds WSSL's Bbox-Seg labels, the dense-CRF "
+    "segmentation of the boxes computed once per example before training: request the label "
+    "kind 'box_seg' from jaxseg.data (train_batches(..., label_kinds=('boxes', 'box_classes', "
+    "'box_seg')); train.py: --config.label_kinds=\"('boxes','box_classes','box_seg')\") or "
+    "compute it with jaxseg.losses.box.bbox_seg_labels; mode='bbox_soft' trains on the box "
+    "unaries instead and needs only the boxes")
 
 
 def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
@@ -397,13 +563,14 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
   Args:
     logits: float32 [N,H,W,C].
     batch: ``boxes`` float32 [N,M,4] (y0,x0,y1,x1 inclusive), ``box_classes`` int32 [N,M]
-      (-1 = padding), optional ``valid`` bool [N,H,W]; ``image`` for "boxinst"; optional
-      ``step`` for the BoxInst warm-up.
-    mode: "em_fixed", "em_adapt", "bbox_seg" or "boxinst".
+      (-1 = padding), optional ``valid`` bool [N,H,W]; "bbox_seg" needs ``box_seg`` int32
+      [N,H,W] instead of the boxes (precomputed :func:`bbox_seg_labels`, 255 = ignore);
+      ``image`` for "boxinst" and for ``crf_weight``.
+    mode: "em_fixed", "em_adapt", "bbox_seg", "bbox_soft" or "boxinst".
     background_class: index of the background class.
     bg_bias, fg_bias: "em_fixed" biases (WSSL proto defaults 1 and 2).
     bg_portion, fg_portion, num_iter: "em_adapt" (WSSL defaults 0.2, 0.2, 1).
-    erode_scale, core_prob, box_prob: "bbox_seg" (0.2 = WSSL's bboxErode20).
+    erode_scale, core_prob, box_prob: "bbox_soft" (0.2 = WSSL's bboxErode20).
     pairwise_weight, color_threshold, pairwise_size, pairwise_dilation, warmup_steps, step:
       "boxinst" (BoxInst: 1, 0.3, 3, 2, 10000).
     crf_weight, crf_kwargs: the WSSL modes: add ``ramp(step) * crf_weight *``
@@ -428,27 +595,33 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
   logits = _common.check_logits(logits, where)
   n, h, w, c = logits.shape
   _check_background(background_class, c, where)
-  boxes, classes = _get_boxes(batch, logits, where)
   valid = _common.get_valid(batch, (n, h, w), where)
   if mode == "bbox_seg":
-    if not 0.0 < erode_scale <= 1.0:
-      raise ValueError(f"{where}: erode_scale must be in (0, 1], got {erode_scale}")
-    target = bbox_seg_targets(boxes, classes, c, h, w, valid, erode_scale=erode_scale,
-                              core_prob=core_prob, box_prob=box_prob,
-                              background_class=background_class)
+    if not isinstance(batch, dict) or "box_seg" not in batch:
+      keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+      raise ValueError(f"{where} needs batch['box_seg']; the batch has keys {keys}. "
+                       + _BOX_SEG_HELP)
+    labels = _common.check_labels(batch["box_seg"], (n, h, w), "box_seg", where)
+    loss = cross_entropy(logits, {"box_seg": labels, "valid": valid > 0},
+                         class_weights=class_weights, label_key="box_seg")
+  elif mode == "bbox_soft":
+    boxes, classes = _get_boxes(batch, logits, where)
+    _check_bbox_seg_settings(where, erode_scale, None)
+    target = bbox_unary_targets(boxes, classes, c, h, w, valid, erode_scale=erode_scale,
+                                core_prob=core_prob, box_prob=box_prob,
+                                background_class=background_class)
     nll = -jnp.sum(target * jax.nn.log_softmax(logits, axis=-1), axis=-1)
     weight = valid
     if class_weights is not None:
       weight = weight * jnp.einsum("nhwc,c->nhw", target, jnp.asarray(class_weights, jnp.float32))
-    loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1e-12)
+    loss = _common.global_mean(jnp.sum(nll * weight), jnp.sum(weight))
   else:
+    boxes, classes = _get_boxes(batch, logits, where)
     if mode == "em_fixed":
       labels = bbox_em_fixed_targets(logits, boxes, classes, bg_bias=bg_bias, fg_bias=fg_bias,
                                      background_class=background_class)
     else:
-      for name, value in (("bg_portion", bg_portion), ("fg_portion", fg_portion)):
-        if not 0.0 <= value <= 1.0:
-          raise ValueError(f"{where}: {name} must be in [0, 1], got {value}")
+      image_level.check_portions(where, bg_portion=bg_portion, fg_portion=fg_portion)
       labels = bbox_em_adapt_targets(logits, boxes, classes, valid, bg_portion=bg_portion,
                                      fg_portion=fg_portion, num_iter=num_iter,
                                      background_class=background_class)

@@ -148,6 +148,46 @@ def test_geometry_errors():
 
 
 # ----------------------------------------------------------------------------------------------
+# CCNN size tags
+
+
+def test_tags_bring_size_tags_consistent_with_the_masks(tiny_shapes):
+  import jax
+  from jaxseg.losses import image_level_loss
+
+  train, _ = tiny_shapes
+  ex = train[0]
+  assert ex["tags_large"].dtype == np.float32 and ex["tags_large"].shape == (5,)
+  batches = data.train_batches(train, batch_size=4, seed=2, scale_range=(1.0, 1.0), hflip=False,
+                               label_kinds=("tags", "mask"))
+  for _ in range(3):
+    batch = next(batches)
+    assert set(batch) == {"image", "valid", "mask", "tags", "tags_large"}
+    assert batch["tags_large"].dtype == np.float32
+    for mask, tags, large in zip(batch["mask"], batch["tags"], batch["tags_large"]):
+      fraction = np.bincount(mask.ravel(), minlength=256)[:5] / mask.size
+      np.testing.assert_array_equal(large, (fraction > 0.10).astype(np.float32))
+      assert np.all(large <= tags)
+  assert batch["tags_large"][:, 0].all() and batch["tags_large"][:, 1:].any()
+  logits = np.random.default_rng(0).normal(0, 1, batch["image"].shape[:3] + (5,))
+  fn = jax.jit(lambda lg, b: image_level_loss(lg, b, size_constraint=True, hardness=1000.0))
+  loss = fn(logits.astype(np.float32), {k: batch[k] for k in ("tags", "tags_large", "valid")})
+  assert np.isfinite(float(loss))
+  # A plain sequence of examples without size tags derives them from the mask.
+  mask = np.zeros((10, 10), np.int32)
+  mask[:2, :5] = 1  # exactly 10%: not large
+  mask[5:, 5:] = 2
+  plain = [{"image": np.zeros((10, 10, 3), np.uint8), "mask": mask,
+            "tags": weak_labels.tags_from_mask(mask, 3)}]
+  batch = next(data.train_batches(plain, batch_size=1, label_kinds=("tags",), num_threads=1))
+  np.testing.assert_array_equal(batch["tags_large"], [[1, 0, 1]])
+  with pytest.raises(ValueError, match=r"\['tags_large'\] are not in this dataset.*"
+                                       r"'tags_large' is computed from mask"):
+    data.train_batches([{"image": plain[0]["image"], "tags": plain[0]["tags"]}], batch_size=1,
+                       label_kinds=("tags_large",))
+
+
+# ----------------------------------------------------------------------------------------------
 # train_batches
 
 
@@ -158,6 +198,7 @@ def test_train_batch_contents(tiny_shapes):
   assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   assert batch["valid"].dtype == bool and batch["mask"].dtype == np.int32
   assert batch["instance_masks"].shape == (4, 8, 48, 40) and batch["tags"].shape == (4, 5)
+  assert batch["tags_large"].shape == (4, 5) and "box_seg" not in batch  # box_seg: on request
   only = next(data.train_batches(train, batch_size=2, crop_size=32, label_kinds=["mask"]))
   assert set(only) == {"image", "valid", "mask"}
   boxes = next(data.train_batches(train, batch_size=2, crop_size=32, label_kinds=["boxes"]))
@@ -230,7 +271,8 @@ def test_eval_batches_pad_the_last_batch(tiny_shapes):
 
 def test_eval_image_size_fits_mixed_sizes():
   source = [_colour_example(0, (24, 32)), _colour_example(1, (16, 16)), _colour_example(2, (40, 16))]
-  with pytest.raises(Exception):
+  # Without image_size the examples must share one size: stacking them fails.
+  with pytest.raises(ValueError, match="all input arrays must have the same shape"):
     list(data.eval_batches(source, batch_size=3))
   (batch,) = list(data.eval_batches(source, batch_size=3, image_size=(20, 24)))
   assert batch["image"].shape == (3, 20, 24, 3)

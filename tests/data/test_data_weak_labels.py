@@ -174,6 +174,17 @@ def test_tags():
     wl.tags_from_mask(mask, 3)
 
 
+def test_large_tags():
+  mask = np.zeros((10, 10), np.uint8)
+  mask[:1, :] = 1  # 10%: not more than 10%
+  mask[1:3, :] = 2  # 20%
+  mask[9, :] = 255  # ignored pixels still count in the image's size
+  np.testing.assert_array_equal(wl.large_tags_from_mask(mask, 4), [1, 0, 1, 0])
+  np.testing.assert_array_equal(wl.large_tags_from_mask(mask, 4, fraction=0.05), [1, 1, 1, 0])
+  with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+    wl.large_tags_from_mask(mask, 2)
+
+
 def test_bad_masks():
   with pytest.raises(TypeError, match="integer dtype"):
     wl.scribbles_from_mask(np.zeros((4, 4), np.float32), 0)
@@ -186,9 +197,11 @@ def test_bad_masks():
 def test_synthesize_adds_missing_kinds_only():
   mask = _two_class_mask()
   out = wl.synthesize({"mask": mask}, 5, num_classes=3)
-  assert set(out) == {"mask", "scribble", "boxes", "box_classes", "tags", "instance_masks"}
+  assert set(out) == {"mask", "scribble", "boxes", "box_classes", "tags", "tags_large",
+                      "instance_masks"}
   np.testing.assert_array_equal(out["scribble"], wl.scribbles_from_mask(mask, 5))
   np.testing.assert_array_equal(out["tags"], [1, 1, 1])
+  np.testing.assert_array_equal(out["tags_large"], wl.large_tags_from_mask(mask, 3))
   assert out["instance_masks"].shape == (8, 48, 64) and out["box_classes"].tolist()[:3] == [1, 1, 2]
   tight, _ = wl.boxes_from_instances(out["instance_masks"], out["box_classes"])
   np.testing.assert_array_equal(out["boxes"], tight)
@@ -199,3 +212,17 @@ def test_synthesize_adds_missing_kinds_only():
     wl.synthesize({"image": mask}, 0, num_classes=3)
   with pytest.raises(ValueError, match="unknown weak label kinds"):
     wl.synthesize({"mask": mask}, 0, num_classes=3, kinds=("points",))
+  with pytest.raises(ValueError, match="'box_seg' needs the 'image'"):
+    wl.synthesize({"mask": mask}, 0, num_classes=3, kinds=("box_seg",))
+
+
+def test_synthesize_box_seg_on_request():
+  """WSSL's Bbox-Seg labels from the mask's boxes: background outside them, the object inside."""
+  mask = np.zeros((24, 24), np.int32)
+  mask[6:14, 8:18] = 2
+  image = np.full((24, 24, 3), 90, np.uint8)
+  image[mask == 2] = [220, 40, 40]
+  out = wl.synthesize({"mask": mask, "image": image}, 0, num_classes=3, kinds=("box_seg",))
+  assert set(out) == {"mask", "image", "box_seg"}  # the boxes it needed are not added
+  assert out["box_seg"].dtype == np.int32
+  np.testing.assert_array_equal(out["box_seg"], mask)  # a tight box on a flat object

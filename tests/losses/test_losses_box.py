@@ -1,4 +1,6 @@
-"""Box losses: rasterisation, WSSL E-steps, Bbox-Seg targets, BoxInst terms."""
+"""Box losses: rasterisation, WSSL E-steps, Bbox-Seg unaries, BoxInst terms, global means.
+
+The dense-CRF Bbox-Seg labels (``bbox_seg_labels``) are tested in test_losses_box_seg.py."""
 import functools
 
 import jax
@@ -14,6 +16,12 @@ from jaxseg.losses import box as box_lib
 @functools.lru_cache(maxsize=None)
 def _terms(**kwargs):
   return jax.jit(functools.partial(box_lib.boxinst_terms, **kwargs))
+
+
+@functools.lru_cache(maxsize=None)
+def _em_adapt(**kwargs):
+  """bbox_em_adapt_targets compiled once per keyword set (eager dispatch of its loops is slow)."""
+  return jax.jit(functools.partial(box_lib.bbox_em_adapt_targets, **kwargs))
 
 
 def _boxes():
@@ -83,11 +91,34 @@ def test_em_adapt_guarantees_the_portion_for_two_classes(seed):
   logits = rng.normal(0, 1, (1, 16, 16, 4)).astype(np.float32)
   logits[..., seed % 4] += 5.0  # the network strongly prefers one class (maybe absent)
   portion = 0.3
-  labels = np.asarray(box_lib.bbox_em_adapt_targets(jnp.asarray(logits), boxes, classes,
-                                                     bg_portion=portion, fg_portion=portion))
-  k = int(np.floor(portion * 256))
-  assert np.sum(labels == 0) >= k and np.sum(labels == 2) >= k
+  labels = np.asarray(_em_adapt(bg_portion=portion, fg_portion=portion)(
+      jnp.asarray(logits), boxes, classes))
+  in_box = _numpy_class_masks(boxes, classes, 4, 16, 16)[0, ..., 2]
+  assert np.sum(labels == 0) >= int(np.floor(portion * 256))  # bg: of the image
+  assert np.sum(labels == 2) >= int(np.floor(portion * 100))  # class 2: of its box
+  assert not np.any((labels == 2) & ~in_box)
   assert set(np.unique(labels)) <= {0, 2}  # absent classes never win
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_em_adapt_keeps_a_small_box_class_inside_its_box(seed):
+  """A 5% box: the class may only be taken inside it, and gets its portion of the box."""
+  rng = np.random.default_rng(seed)
+  h, w = 40, 40
+  boxes = np.array([[[10, 20, 18, 28], [0, 0, 0, 0]]], np.float32)  # 9 x 9 = 81 px (5%)
+  classes = np.array([[2, -1]], np.int32)
+  logits = rng.normal(0, 1, (1, h, w, 4)).astype(np.float32)
+  logits[..., 2] += 6.0  # the network calls everything class 2
+  if seed == 2:
+    logits[..., 2] -= 12.0  # ... or nothing
+  labels = np.asarray(_em_adapt()(jnp.asarray(logits), boxes, classes))
+  in_box = _numpy_class_masks(boxes, classes, 4, h, w)[0, ..., 2]
+  assert int(np.sum((labels[0] == 2) & ~in_box)) == 0
+  assert int(np.sum((labels[0] == 2) & in_box)) >= int(np.floor(0.2 * 81))
+  assert int(np.sum(labels[0] == 0)) >= int(np.floor(0.2 * h * w))
+  loss = jax.jit(functools.partial(box_loss, mode="em_adapt"))(
+      jnp.asarray(logits), {"boxes": boxes, "box_classes": classes})
+  assert np.isfinite(float(loss))
 
 
 def test_em_adapt_last_class_and_valid_pixels():
@@ -95,12 +126,13 @@ def test_em_adapt_last_class_and_valid_pixels():
   boxes = np.array([[[0, 0, 5, 5], [6, 6, 9, 9]]], np.float32)
   classes = np.array([[1, 3]], np.int32)
   logits = rng.normal(0, 1, (1, 10, 10, 4)).astype(np.float32)
+  logits[..., 0] += 4.0
   valid = np.zeros((1, 10, 10), bool)
   valid[:, :8, :] = True
-  labels = np.asarray(box_lib.bbox_em_adapt_targets(jnp.asarray(logits), boxes, classes, valid,
-                                                     fg_portion=0.25))
-  # The last class adjusted holds its floor(0.25 * 80) valid pixels.
-  assert np.sum((labels == 3) & valid) >= 20
+  labels = np.asarray(_em_adapt(fg_portion=0.5)(jnp.asarray(logits), boxes, classes, valid))
+  # Quotas count valid pixels of the class's boxes: 36 for class 1, 2 x 4 = 8 for class 3.
+  assert np.sum((labels == 1) & valid) >= 18 and np.sum((labels == 3) & valid) >= 4
+  assert np.all(labels[~valid] == 255)
 
 
 def _reference_bbox_seg(boxes, classes, c, h, w, erode_scale=0.2):
@@ -134,11 +166,11 @@ def _reference_bbox_seg(boxes, classes, c, h, w, erode_scale=0.2):
   return prob / prob.sum(-1, keepdims=True)
 
 
-def test_bbox_seg_targets_match_the_erosion_loop():
+def test_bbox_unary_targets_match_the_erosion_loop():
   boxes = np.array([[[2, 2, 21, 21], [10, 12, 29, 35], [0, 20, 13, 39], [30, 1, 34, 5]]],
                    np.float32)  # plain, overlapping, touching the border, too small
   classes = np.array([[1, 2, 1, 3]], np.int32)
-  ours = box_lib.bbox_seg_targets(jnp.asarray(boxes), jnp.asarray(classes), 4, 36, 40)
+  ours = box_lib.bbox_unary_targets(jnp.asarray(boxes), jnp.asarray(classes), 4, 36, 40)
   ref = _reference_bbox_seg(boxes[0], classes[0], 4, 36, 40)
   np.testing.assert_allclose(np.asarray(ours)[0], ref, atol=1e-6)
   # A 20x20 box: 6 erosions leave an 8x8 core (16% < 25%) at P = 0.75.
@@ -155,14 +187,35 @@ def test_erosion_steps_closed_form(h, w):
   assert float(box_lib._erosion_steps(jnp.float32(h), jnp.float32(w), 0.25)) == steps
 
 
-def test_bbox_seg_loss_is_soft_cross_entropy():
+def test_bbox_soft_loss_is_soft_cross_entropy():
   rng = np.random.default_rng(2)
   boxes, classes = _boxes()
   logits = rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32)
-  target = np.asarray(box_lib.bbox_seg_targets(jnp.asarray(boxes), jnp.asarray(classes), 4, 20, 20))
+  target = np.asarray(box_lib.bbox_unary_targets(jnp.asarray(boxes), jnp.asarray(classes), 4,
+                                                 20, 20))
   expected = -np.mean(np.sum(target * np.asarray(jax.nn.log_softmax(logits, -1)), -1))
-  ours = box_loss(logits, {"boxes": boxes, "box_classes": classes}, mode="bbox_seg")
+  ours = box_loss(logits, {"boxes": boxes, "box_classes": classes}, mode="bbox_soft")
   assert float(ours) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bbox_seg_loss_is_cross_entropy_on_the_precomputed_labels():
+  rng = np.random.default_rng(12)
+  logits = rng.normal(0, 1, (2, 12, 12, 4)).astype(np.float32)
+  box_seg = rng.integers(0, 4, (2, 12, 12)).astype(np.int32)
+  box_seg[0, :3] = 255
+  valid = np.ones((2, 12, 12), bool)
+  valid[1, :, 10:] = False
+  fn = jax.jit(functools.partial(box_loss, mode="bbox_seg"))
+  got = float(fn(jnp.asarray(logits), {"box_seg": box_seg, "valid": valid}))  # no boxes needed
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), -1))
+  keep = (box_seg != 255) & valid
+  nll = -np.take_along_axis(logp, np.where(keep, box_seg, 0)[..., None], -1)[..., 0]
+  assert got == pytest.approx(nll[keep].mean(), rel=1e-5)
+  with pytest.raises(ValueError, match=r"needs batch\['box_seg'\].*label_kinds.*bbox_seg_labels"):
+    box_loss(logits, {"boxes": np.zeros((2, 1, 4), np.float32),
+                      "box_classes": np.zeros((2, 1), np.int32)}, mode="bbox_seg")
+  with pytest.raises(ValueError, match=r"batch\['box_seg'\] must have shape"):
+    box_loss(logits, {"box_seg": box_seg[:, :6]}, mode="bbox_seg")
 
 
 def test_rgb_to_lab_matches_skimage():
@@ -245,20 +298,19 @@ def test_boxinst_warmup_and_gradient():
   batch = dict(_boxinst_batch(3))
   rng = np.random.default_rng(6)
   logits = jnp.asarray(rng.normal(0, 1, (1, 16, 16, 2)).astype(np.float32))
-  proj, pair = _terms()(logits, {k: v for k, v in batch.items() if k != 'step'})
+  proj, pair = _terms()(logits, batch)
   fn = jax.jit(functools.partial(box_loss, mode="boxinst", warmup_steps=100,
                                  label_set_weight=0.5))
   label_set = float(box_lib.box_label_set_nll(logits, batch))
   for step, ramp in ((0, 0.0), (50, 0.5), (400, 1.0)):
-    batch["step"] = np.full((1,), step, np.int32)
     expected = float(proj) + ramp * float(pair) + 0.5 * label_set
-    assert float(fn(logits, batch)) == pytest.approx(expected, rel=1e-5)
+    assert float(fn(logits, batch, step=jnp.int32(step))) == pytest.approx(expected, rel=1e-5)
   assert fn._cache_size() == 1
   grad = jax.jit(jax.grad(functools.partial(box_loss, mode="boxinst")))(logits, batch)
   assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
 
 
-@pytest.mark.parametrize("mode", ["bbox_seg", "em_fixed"])
+@pytest.mark.parametrize("mode", ["bbox_seg", "bbox_soft", "em_fixed", "em_adapt"])
 def test_wssl_modes_add_the_ramped_crf_term(mode):
   from jaxseg.losses import crf_pairwise
   boxes, classes = _boxes()
@@ -266,12 +318,13 @@ def test_wssl_modes_add_the_ramped_crf_term(mode):
   logits = jnp.asarray(rng.normal(0, 1, (2, 20, 20, 4)).astype(np.float32))
   batch = {"boxes": boxes, "box_classes": classes,
            "image": rng.random((2, 20, 20, 3)).astype(np.float32),
-           "step": np.full((2,), 25, np.int32)}
+           "box_seg": rng.integers(0, 4, (2, 20, 20)).astype(np.int32)}
   crf_kwargs = dict(kernel="local", radius=2, sigma_xy=3.0, sigma_rgb=20.0)
-  base = float(box_loss(logits, batch, mode=mode))
+  base = float(jax.jit(functools.partial(box_loss, mode=mode))(logits, batch))
   pair = float(crf_pairwise(logits, batch, **crf_kwargs))
-  got = float(box_loss(logits, batch, mode=mode, crf_weight=0.3, crf_kwargs=crf_kwargs,
-                       warmup_steps=100))
+  with_crf = functools.partial(box_loss, mode=mode, crf_weight=0.3, crf_kwargs=crf_kwargs,
+                               warmup_steps=100)
+  got = float(jax.jit(with_crf)(logits, batch, step=25))
   assert pair > 0
   assert got == pytest.approx(base + 0.25 * 0.3 * pair, rel=1e-5)
 
@@ -322,3 +375,40 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="needs the training step"):
     box_loss(logits, {"boxes": boxes, "box_classes": classes, "image": np.zeros((2, 20, 20, 3))},
              mode="boxinst", warmup_steps=10)
+
+
+def _sharded_mean(fn, logits, batch, shards):
+  """The pmap train step's loss: the mean over shards of ``fn`` traced per shard under
+  ``batch_sharded_over`` (vmap with an axis name stands in for the devices)."""
+  from jaxseg.losses import _common
+
+  def split(x):
+    return jnp.asarray(x).reshape((shards, x.shape[0] // shards) + x.shape[1:])
+
+  def per_shard(lg, b):
+    with _common.batch_sharded_over("shards"):
+      return fn(lg, b)
+
+  sharded = jax.jit(jax.vmap(per_shard, axis_name="shards"))
+  return float(jnp.mean(sharded(split(logits), {k: split(v) for k, v in batch.items()})))
+
+
+@pytest.mark.parametrize("mode", ["boxinst", "bbox_soft"])
+def test_sharded_box_losses_normalise_by_the_global_count(mode):
+  """Shards with very different box areas: the mean of the per-shard losses is the global one."""
+  rng = np.random.default_rng(11)
+  image = rng.random((4, 16, 16, 3)).astype(np.float32)
+  image[:, 4:12, 4:12] = [0.9, 0.1, 0.1]
+  boxes = np.array([[[4, 4, 11, 11]], [[0, 0, 15, 15]], [[2, 2, 3, 3]], [[5, 5, 6, 6]]],
+                   np.float32)
+  classes = np.array([[1], [2], [1], [-1]], np.int32)
+  valid = np.ones((4, 16, 16), bool)
+  valid[0, :, 12:] = False
+  batch = {"image": image, "boxes": boxes, "box_classes": classes, "valid": valid}
+  logits = jnp.asarray(rng.normal(0, 2, (4, 16, 16, 3)).astype(np.float32))
+  fn = functools.partial(box_loss, mode=mode)
+  whole = float(jax.jit(fn)(logits, batch))
+  assert _sharded_mean(fn, logits, batch, 2) == pytest.approx(whole, rel=1e-5)
+  label_set = float(jax.jit(box_lib.box_label_set_nll)(logits, batch))
+  assert _sharded_mean(box_lib.box_label_set_nll, logits, batch, 2) == pytest.approx(
+      label_set, rel=1e-5)

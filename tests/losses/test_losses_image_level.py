@@ -259,3 +259,74 @@ def test_bad_inputs():
     image_level_loss(logits, {"tags": np.ones((1, 3), np.float32)}, hardness=0.0)
   with pytest.raises(ValueError, match="bg_lower"):
     constrained_posterior(logits, np.ones((1, 3), np.float32), bg_lower=0.8)
+
+
+# ----------------------------------------------------------------------------------------------
+# EM-Adapt.
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_em_adapt_gives_every_tagged_class_its_portion(seed):
+  rng = np.random.default_rng(seed)
+  n, h, w, c = 2, 12, 14, 5
+  logits = rng.normal(0, 1, (n, h, w, c)).astype(np.float32)
+  logits[..., seed % c] += 6.0  # the network calls everything one class (maybe untagged)
+  tags = np.array([[1, 1, 0, 1, 1], [1, 0, 1, 0, 0]], np.float32)
+  portion = (0.2, 0.25)[seed % 2]  # 0.25: four tagged classes fill the image exactly
+  labels = np.asarray(_jitted(image_level.em_adapt_targets, bg_portion=portion,
+                              fg_portion=portion)(logits, tags))
+  k = int(np.floor(portion * h * w))
+  for i in range(n):
+    for cls in range(c):
+      if tags[i, cls]:
+        assert np.sum(labels[i] == cls) >= k, (i, cls)
+      else:
+        assert not np.any(labels[i] == cls)  # untagged classes never win
+
+
+def test_em_adapt_valid_pixels_and_untagged_images():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
+  logits[..., 0] += 5.0
+  tags = np.array([[1, 0, 1], [0, 0, 0]], np.float32)
+  valid = np.ones((2, 8, 8), bool)
+  valid[0, 6:] = False
+  labels = np.asarray(_jitted(image_level.em_adapt_targets, fg_portion=0.5)(logits, tags, valid))
+  assert np.all(labels[0][~valid[0]] == 255) and np.all(labels[1] == 255)  # no target
+  assert np.sum(labels[0] == 2) >= 24  # floor(0.5 * 48 valid pixels)
+  # No background class: every tagged class takes fg_portion and the order starts at 0.
+  labels = np.asarray(_jitted(image_level.em_adapt_targets, fg_portion=0.4,
+                              background_class=None)(logits, tags))
+  assert np.sum(labels[0] == 0) >= 25 and np.sum(labels[0] == 2) >= 25
+
+
+def test_em_adapt_loss_is_cross_entropy_on_its_targets():
+  rng = np.random.default_rng(6)
+  logits = rng.normal(0, 1, (2, 8, 8, 3)).astype(np.float32)
+  tags = np.array([[1, 1, 0], [1, 0, 1]], np.float32)
+  batch = {"tags": tags}
+  labels = np.asarray(_jitted(image_level.em_adapt_targets)(logits, tags))
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64), -1))
+  expected = -np.mean(np.take_along_axis(logp, labels[..., None], -1))
+  fn = _jitted(image_level_loss, mode="em_adapt", downscale=1)
+  assert float(fn(logits, batch)) == pytest.approx(expected, rel=1e-5)
+  grad = jax.grad(fn)(jnp.asarray(logits), batch)
+  np.testing.assert_allclose(grad, (np.exp(logp) - np.eye(3)[labels]) / labels.size, atol=1e-6)
+  # Pooled: the E-step and the cross-entropy are on the downscale x downscale cells.
+  pooled, _ = image_level.pool_logits(jnp.asarray(logits), jnp.ones((2, 8, 8)), 4)
+  pooled_labels = _jitted(image_level.em_adapt_targets)(pooled, tags)
+  logq = np.asarray(jax.nn.log_softmax(pooled, -1))
+  expected = -np.mean(np.take_along_axis(logq, np.asarray(pooled_labels)[..., None], -1))
+  got = float(_jitted(image_level_loss, mode="em_adapt", downscale=4)(logits, batch))
+  assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_em_adapt_bad_inputs():
+  logits = np.zeros((1, 4, 4, 3), np.float32)
+  tags = np.ones((1, 3), np.float32)
+  with pytest.raises(ValueError, match="unknown mode 'em_fixed'"):
+    image_level_loss(logits, {"tags": tags}, mode="em_fixed")
+  with pytest.raises(ValueError, match="fg_portion must be in"):
+    image_level_loss(logits, {"tags": tags}, mode="em_adapt", fg_portion=1.5)
+  with pytest.raises(ValueError, match=r"tags must be \[N,C\]"):
+    image_level.em_adapt_targets(logits, np.ones((1, 4), np.float32))
