@@ -80,7 +80,7 @@ def test_wrong_hash_is_refused_and_cache_stays_empty(cache, fake_download, kind)
   with pytest.raises(ValueError, match="does not match"):
     weights.fetch("fake")
   assert not cache.exists() or os.listdir(cache) == []
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(FileNotFoundError, match="fake weights not found at .*; fetch them once with"):
     weights.path("fake")
 
 
@@ -126,7 +126,8 @@ def test_interrupted_copy_leaves_nothing(tmp_path):
 
 
 def test_path_error_names_the_fetch_command(cache):
-  with pytest.raises(FileNotFoundError) as err:
+  with pytest.raises(FileNotFoundError,
+                     match="mobilenet_v2 weights not found at .*; fetch them once with") as err:
     weights.path("mobilenet_v2")
   assert "python -m jaxseg.convert.weights fetch mobilenet_v2" in str(err.value)
   assert str(cache) in str(err.value)

@@ -387,6 +387,7 @@ def test_train_time_eval_and_eval_py_with_sliding_windows(tmp_path):
 
   from jaxseg.configs import unet_shapes
   from jaxseg.train import loop
+  from tests.train.test_train_loop import assert_metrics_match_split
 
   repo = pathlib.Path(__file__).resolve().parents[2]
   config = unet_shapes.get_config("smoke")
@@ -396,7 +397,11 @@ def test_train_time_eval_and_eval_py_with_sliding_windows(tmp_path):
   config.inference = dict(mode="slide", window=(32, 32), stride=(16, 16), batch_windows=4)
   workdir = tmp_path / "run"
   summary = loop.train_and_evaluate(config, str(workdir))
-  assert 0.0 <= summary["miou"] <= 1.0
+  # Overlapping windows are stitched into one prediction per pixel: every labelled pixel of the
+  # split is counted once, and the summary is that of the saved confusion matrix.
+  validation = loop.load_split(config, "validation")
+  trained = json.loads((workdir / "validation_metrics.json").read_text())
+  assert_metrics_match_split(summary, trained["confusion_matrix"], validation)
 
   # A run saved before the key existed, switched to sliding windows from the command line.
   saved = json.loads((workdir / "config.json").read_text())
@@ -411,7 +416,7 @@ def test_train_time_eval_and_eval_py_with_sliding_windows(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "validation split" in r.stdout and "mIoU" in r.stdout
   result = json.loads((workdir / "eval_validation_metrics.json").read_text())
-  assert 0.0 <= result["miou"] <= 1.0
+  assert_metrics_match_split(result, result["confusion_matrix"], validation)
 
   config = loop.load_config(str(workdir))
   loop.apply_override(config, "inference", "{'mode': 'slide', 'window': 32, 'stride': 64}")

@@ -73,7 +73,8 @@ def test_errors_list_missing_unexpected_and_misshaped():
   del sd["bn.running_var"]
   sd["extra.weight"] = np.zeros(3)
   sd["fc.weight"] = np.zeros((5, 7), np.float32)
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(
+      ValueError, match="from_torch_state_dict: state dict does not match _Small\n") as err:
     from_torch_state_dict(_Small(), sd, sample_input_shape=(1, 5, 7, 3))
   msg = str(err.value)
   assert "missing (1): bn.running_var" in msg
@@ -143,7 +144,8 @@ def test_full_torchvision_vgg16_loads_into_fcn8s():
   sd = {k: v.numpy() for k, v in vgg16(weights=None).state_dict().items()}
   sd = vgg16_state_dict(sd, fc=("fc6", "fc7"))
   model = jaxseg.models.build("fcn8s", num_classes=21)
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(
+      ValueError, match="from_torch_state_dict: state dict does not match FCN\n") as err:
     from_torch_state_dict(model, sd)
   assert "missing (6): score_fr.bias, score_fr.weight, score_pool3.bias" in str(err.value)
   assert "unexpected" not in str(err.value) and "mis-shaped" not in str(err.value)

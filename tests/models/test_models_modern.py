@@ -365,7 +365,8 @@ def test_state_dict_errors_list_missing_unexpected_and_misshaped_together():
   del sd["layer2.0.bn1.running_var"]
   sd["layer4.2.conv1.weight"] = np.zeros((512, 512, 3, 3), np.float32)
   sd["layer3.1.conv2.weight"] = np.zeros((256, 256, 1, 1), np.float32)
-  with pytest.raises(ValueError) as err:
+  with pytest.raises(
+      ValueError, match="from_torch_state_dict: state dict does not match ResNet\n") as err:
     from_torch_state_dict(bb, sd)
   msg = str(err.value)
   assert "missing (1): layer2.0.bn1.running_var" in msg

@@ -41,6 +41,21 @@ def _final_params(workdir):
   return state, meta
 
 
+def assert_metrics_match_split(metrics, cm, source):
+  """``metrics`` (mIoU, pixel accuracy, per-class IoU) are those of ``cm``, recomputed here, and
+  ``cm`` counts every labelled (non-255) pixel of ``source`` once, in the row of its true class."""
+  cm = np.asarray(cm, np.int64)
+  labels = np.concatenate([np.asarray(source[i]["mask"]).ravel() for i in range(len(source))])
+  np.testing.assert_array_equal(cm.sum(1), np.bincount(labels[labels != 255], minlength=len(cm)))
+  tp = np.diag(cm)
+  union = cm.sum(0) + cm.sum(1) - tp
+  iou = np.full(len(cm), np.nan)
+  iou[union > 0] = tp[union > 0] / union[union > 0]
+  np.testing.assert_allclose([metrics[f"iou/{n}"] for n in source.class_names], iou)
+  assert metrics["miou"] == pytest.approx(np.nanmean(iou))
+  assert metrics["pixel_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+
+
 def test_interrupted_run_resumes_exactly(tmp_path, data_dir):
   k = 4
   config = _smoke(data_dir, num_steps=2 * k, checkpoint_every=100, eval_every=100, log_every=2)
@@ -90,7 +105,9 @@ def test_train_and_eval_scripts_end_to_end(tmp_path, data_dir):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "train split" in r.stdout and "mIoU" in r.stdout
   result = json.loads((workdir / "eval_train_metrics.json").read_text())
-  assert 0.0 <= result["miou"] <= 1.0 and len(result["confusion_matrix"]) == 5
+  config = loop.load_config(str(workdir))
+  assert len(result["confusion_matrix"]) == 5
+  assert_metrics_match_split(result, result["confusion_matrix"], loop.load_split(config, "train"))
   assert (workdir / "eval_train_overlays.png").is_file()
 
   # DeepLab-style dense-CRF post-processing, switched on from the command line.
@@ -98,7 +115,12 @@ def test_train_and_eval_scripts_end_to_end(tmp_path, data_dir):
            "--config.crf.iterations=3")
   assert r.returncode == 0, r.stderr[-3000:]
   crf = json.loads((workdir / "eval_validation_metrics.json").read_text())
-  assert 0.0 <= crf["miou"] <= 1.0
+  validation = loop.load_split(config, "validation")
+  assert_metrics_match_split(crf, crf["confusion_matrix"], validation)
+  # The same checkpoint scored without CRF at the end of training: same pixels, other predictions.
+  plain = json.loads((workdir / "validation_metrics.json").read_text())
+  assert_metrics_match_split(plain, plain["confusion_matrix"], validation)
+  assert not np.array_equal(crf["confusion_matrix"], plain["confusion_matrix"])
 
 
 def test_eval_without_workdir_is_a_clear_error(tmp_path):
@@ -116,9 +138,10 @@ def test_eval_of_a_workdir_without_checkpoints(tmp_path, data_dir):
 def test_diverged_run_stops_and_keeps_the_finite_checkpoint(tmp_path, data_dir, monkeypatch):
   from jaxseg.losses import cross_entropy
 
-  def nan_from_step_5(logits, batch):
+  def nan_from_step_5(logits, batch, *, step):
+    # Declaring `step` makes the train step pass state.step (the batch carries data only).
     ce = cross_entropy(logits, batch)
-    return jnp.where(batch["step"][0] >= 5, jnp.nan, ce)
+    return jnp.where(step >= 5, jnp.nan, ce)
 
   monkeypatch.setattr(loop, "build_loss", lambda config, src=None: nan_from_step_5)
   config = _smoke(data_dir, num_steps=12, checkpoint_every=4, eval_every=100, log_every=100)
