@@ -304,6 +304,7 @@ def crf_pairwise(logits: jax.Array, batch: dict, *,
                  scale: float = 1.0,
                  radius: int = 5,
                  method: str = "grid",
+                 normalize: bool = False,
                  max_grid_cells: int = DEFAULT_MAX_GRID_CELLS) -> jax.Array:
   """Relaxed Potts pairwise loss on softmax probabilities (DenseCRF loss / Gated CRF loss).
 
@@ -336,6 +337,10 @@ def crf_pairwise(logits: jax.Array, batch: dict, *,
       actual resize ratio.
     radius: local window radius, in pixels at the filtered resolution.
     method: dense kernels only: "grid" (bilateral grid, linear cost) or "exact" (O(P^2)).
+    normalize: divide the kernel by the pixels' kernel masses, ``W_ij / sqrt(d_i d_j)`` with
+      ``d_i = sum_j W_ij`` over valid pixels (densecrf's symmetric normalisation): the loss is
+      then the average fraction of a pixel's neighbourhood mass that disagrees with it, in
+      [0, 1] whatever the sigmas, the kernel, the resolution or the image's texture.
     max_grid_cells: a grid larger than this per image raises a ValueError instead of
       exhausting memory.
 
@@ -375,7 +380,14 @@ def crf_pairwise(logits: jax.Array, batch: dict, *,
   else:
     feats = jax.lax.stop_gradient(image / sigma_rgb)
     spec = FilterSpec(method="local", radius=int(radius), sigma_xy=sigma_xy)
-  energy = potts_energy(spec, feats, probs, valid)
+  roi = valid
+  if normalize:
+    # W~ = D^-1/2 W D^-1/2 with D the kernel mass over valid pixels: scaling the ROI by
+    # D^-1/2 gives exactly that energy, and W~ stays symmetric, so the custom_vjp holds.
+    mass = apply_filter(spec, feats, valid[..., None])[..., 0]
+    roi = valid * jnp.where(mass > 1e-12, jax.lax.rsqrt(jnp.maximum(mass, 1e-12)), 0.0)
+    roi = jax.lax.stop_gradient(roi)
+  energy = potts_energy(spec, feats, probs, roi)
   per_image = energy / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1.0)
   return weight * jnp.mean(per_image)
 

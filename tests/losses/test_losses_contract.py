@@ -19,13 +19,18 @@ CASES = [
     ("crf_pairwise", {"kernel": "local", "radius": 2}),
     ("crf_pairwise", {"method": "exact", "scale": 0.5, "sigma_xy": 10.0}),
     ("scribble_loss", {"kernel": "local", "radius": 2, "pairwise_weight": 0.1}),
-    ("scribble_loss", {"pairwise_weight": 1e-3}),
+    ("scribble_loss", {"pairwise_weight": 1e-3, "kernel": "dense"}),
+    ("scribble_loss", {"kernel": "local", "radius": 2, "balance": "kernel_mass"}),
+    ("crf_pairwise", {"kernel": "local", "radius": 2, "normalize": True}),
     ("scribble_em_loss", {"iterations": 2, "bilateral_sigma_xy": 10.0}),
     ("image_level_loss", {"downscale": 4}),
     ("image_level_loss", {"downscale": 1, "solver": "pgd"}),
+    ("image_level_loss", {"mode": "em_adapt", "downscale": 2}),
+    ("cam_loss", {"bilateral_sigma_xy": 10.0}),
     ("box_loss", {"mode": "em_fixed"}),
     ("box_loss", {"mode": "em_adapt"}),
     ("box_loss", {"mode": "bbox_seg"}),
+    ("box_loss", {"mode": "bbox_soft"}),
     ("box_loss", {"mode": "boxinst"}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, kw in CASES]
@@ -46,9 +51,10 @@ def _batch(seed):
                     [[0, 0, 15, 6], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32)
   box_classes = np.array([[1, 3, -1], [2, -1, -1]], np.int32)
   tags = np.array([[1, 1, 0, 1], [1, 0, 1, 0]], np.float32)
+  box_seg = np.where(rng.uniform(size=(N, H, W)) < 0.1, 255, mask).astype(np.int32)
   logits = rng.normal(0, 1.5, (N, H, W, C)).astype(np.float32)
   batch = dict(image=image, mask=mask, scribble=scribble, boxes=boxes, box_classes=box_classes,
-               tags=tags)
+               tags=tags, box_seg=box_seg)
   return logits, batch
 
 
@@ -66,6 +72,7 @@ def _pad(logits, batch, seed):
   padded["image"] = pad(batch["image"], lambda s: rng.uniform(0, 1, s))
   padded["mask"] = pad(batch["mask"], lambda s: rng.integers(0, C, s))
   padded["scribble"] = pad(batch["scribble"], lambda s: rng.integers(0, C, s))
+  padded["box_seg"] = pad(batch["box_seg"], lambda s: np.full(s, 255))
   padded["valid"] = pad(np.ones((N, H, W), bool), lambda s: np.zeros(s, bool))
   return pad(logits, lambda s: rng.normal(0, 3, s)), padded
 
@@ -95,7 +102,7 @@ def test_padding_invariance_and_no_retrace(name, kwargs):
 
 def test_registry_names_and_errors():
   for name in ("crf_pairwise", "scribble_loss", "scribble_em_loss", "image_level_loss",
-               "box_loss", "cross_entropy", "partial_cross_entropy"):
+               "box_loss", "cam_loss", "cross_entropy", "partial_cross_entropy"):
     assert name in losses.names()
   assert callable(losses.dense_crf) and callable(losses.constrained_posterior)
   bound = losses.get("box_loss", mode="bbox_seg")
@@ -103,3 +110,29 @@ def test_registry_names_and_errors():
   assert losses.get("crf_pairwise") is losses.crf_pairwise
   with pytest.raises(ValueError, match="unknown loss 'nope'; valid names: box_loss"):
     losses.get("nope")
+
+
+WARMUP_CASES = [("scribble_loss", {"kernel": "local", "radius": 2}),
+                ("box_loss", {"mode": "boxinst"})]
+
+
+@pytest.mark.parametrize("name,kwargs", WARMUP_CASES, ids=[n for n, _ in WARMUP_CASES])
+def test_warmup_takes_step_as_an_argument_not_from_the_batch(name, kwargs):
+  """DESIGN.md: a loss needing the step declares ``step``; the batch carries data only."""
+  from jaxseg.train.step import loss_takes_step
+  fn = losses.get(name, warmup_steps=10, **kwargs)
+  assert loss_takes_step(fn)
+  logits, batch = _batch(0)
+  # The train step passes step= itself; a direct call without it says so. A step in the
+  # batch is not read.
+  with pytest.raises(ValueError, match=r"warmup_steps=10 needs the training step.*"
+                     r"passes it automatically.*must pass step="):
+    fn(logits, dict(batch, step=np.full((N,), 5, np.int32)))
+  # The step is an array argument: a changing step does not recompile, and it ramps.
+  jitted = jax.jit(fn)
+  values = [float(jitted(logits, batch, step=jnp.int32(s))) for s in (0, 5, 10, 20)]
+  assert jitted._cache_size() == 1
+  assert values[0] < values[1] < values[2] == pytest.approx(values[3])
+  assert float(fn(logits, batch, step=10)) == pytest.approx(values[2], rel=1e-5)
+  # warmup_steps=0 needs no step.
+  assert np.isfinite(float(losses.get(name, **kwargs)(logits, batch)))

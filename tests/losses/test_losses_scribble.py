@@ -24,7 +24,7 @@ def _two_region_batch(size=24, n=2, seed=0):
   return {"image": image, "scribble": scribble}, truth
 
 
-def test_scribble_loss_is_pce_plus_weighted_pairwise():
+def test_scribble_loss_unbalanced_is_pce_plus_weighted_pairwise():
   batch, _ = _two_region_batch()
   rng = np.random.default_rng(1)
   logits = rng.normal(0, 1, (2, 24, 24, 3)).astype(np.float32)
@@ -32,7 +32,7 @@ def test_scribble_loss_is_pce_plus_weighted_pairwise():
   pce = float(partial_cross_entropy(logits, batch))
   pair = float(crf_pairwise(logits, batch, **kw))
   assert pair > 0
-  ours = scribble_loss(logits, batch, pairwise_weight=0.3, **kw)
+  ours = scribble_loss(logits, batch, pairwise_weight=0.3, balance="none", **kw)
   assert float(ours) == pytest.approx(pce + 0.3 * pair, rel=1e-5)
   # The pCE part, by hand.
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
@@ -42,21 +42,41 @@ def test_scribble_loss_is_pce_plus_weighted_pairwise():
   assert float(scribble_loss(logits, batch, pairwise_weight=0.0)) == pytest.approx(hand, rel=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(kernel="local", radius=2),
+                                dict(kernel="dense", method="exact")])
+@pytest.mark.parametrize("weight", [0.3, 2.0])
+def test_balanced_pairwise_gradient_is_a_fixed_fraction_of_pce(kw, weight):
+  """The default balance: the pairwise part of the gradient has ``weight`` times the L1 mass of
+  pCE's, whatever the raw scale of the pairwise term (here x1000 apart through sigma_xy)."""
+  batch, _ = _two_region_batch()
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(0, 1, (2, 24, 24, 3)), jnp.float32)
+  g_pce = jax.grad(lambda x: partial_cross_entropy(x, batch))(logits)
+  for sigma_xy in (2.0, 50.0):
+    g = jax.grad(lambda x: scribble_loss(x, batch, pairwise_weight=weight, sigma_xy=sigma_xy,
+                                         **kw))(logits)
+    g_pair = g - g_pce
+    assert float(jnp.sum(jnp.abs(g_pair))) == pytest.approx(
+        weight * float(jnp.sum(jnp.abs(g_pce))), rel=1e-3)
+    # ... and points where the pairwise term's own gradient points.
+    g_raw = jax.grad(lambda x: crf_pairwise(x, batch, sigma_xy=sigma_xy, **kw))(logits)
+    cos = jnp.sum(g_pair * g_raw) / (jnp.linalg.norm(g_pair) * jnp.linalg.norm(g_raw))
+    assert float(cos) > 0.999
+
+
 def test_warmup_ramps_the_pairwise_weight_without_retracing():
   batch, _ = _two_region_batch()
   rng = np.random.default_rng(2)
   logits = rng.normal(0, 1, (2, 24, 24, 3)).astype(np.float32)
-  kw = dict(kernel="local", radius=2, pairwise_weight=0.5)
+  kw = dict(kernel="local", radius=2, pairwise_weight=0.5, balance="none")
   pce = float(partial_cross_entropy(logits, batch))
   pair = float(crf_pairwise(logits, batch, kernel="local", radius=2))
   fn = jax.jit(functools.partial(scribble_loss, warmup_steps=1000, **kw))
   for step, ramp in ((0, 0.0), (250, 0.25), (1000, 1.0), (5000, 1.0)):
-    b = dict(batch, step=np.full((2,), step, np.int32))
-    assert float(fn(logits, b)) == pytest.approx(pce + ramp * 0.5 * pair, rel=1e-5)
+    assert float(fn(logits, batch, step=jnp.int32(step))) == pytest.approx(
+        pce + ramp * 0.5 * pair, rel=1e-5)
   assert fn._cache_size() == 1
-  explicit = scribble_loss(logits, batch, warmup_steps=1000, step=jnp.int32(500), **kw)
-  assert float(explicit) == pytest.approx(pce + 0.25 * pair, rel=1e-5)
-  with pytest.raises(ValueError, match="needs the training step"):
+  with pytest.raises(ValueError, match="step"):
     scribble_loss(logits, batch, warmup_steps=10)
 
 
