@@ -36,7 +36,6 @@ LOSSES = [
     ("image_level_loss newton /8", dict(name="image_level_loss")),
     ("image_level_loss pgd /8", dict(name="image_level_loss", solver="pgd")),
     ("image_level_loss em_adapt /8", dict(name="image_level_loss", mode="em_adapt")),
-    ("cam_loss (5 mean-field it.)", dict(name="cam_loss")),
     ("box_loss em_fixed", dict(name="box_loss", mode="em_fixed")),
     ("box_loss em_adapt", dict(name="box_loss", mode="em_adapt")),
     ("box_loss bbox_seg (CE on precomputed box_seg)", dict(name="box_loss", mode="bbox_seg")),

@@ -3,7 +3,8 @@ label kinds the trainer sees change (weak runs never see a mask; scoring uses va
 
   python bench/weak_supervision.py                                   # embedded shapes dataset
   python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 600
-  python bench/weak_supervision.py --modes full,scribble_crf --set num_steps=300
+  python bench/weak_supervision.py --modes full,scribble --set num_steps=300
+  python bench/weak_supervision.py --config jaxseg/configs/deeplabv3plus_shapes.py --modes full,tags_ccnn --steps 600
 
 Prints one row per supervision with its mIoU and the ratio to full supervision, and keeps
 ``summary.json`` under ``--root``: modes run by separate calls with the same ``--root`` end up
@@ -20,32 +21,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxseg.train import loop  # noqa: E402
 
-# (label kinds the trainer may read, loss name, loss kwargs)
+# (label kinds the trainer may read, loss name, loss kwargs). Every loss at its defaults
+# except CCNN's area bounds (its VOC fractions assume objects covering 30-70% of the image).
+BOXES = ("boxes", "box_classes")
 MODES = {
     "full": (("mask",), "cross_entropy", {}),
     "scribble_pce": (("scribble",), "partial_cross_entropy", {}),
-    # Gated CRF's local kernel, ramped in over the first third of the schedule (see
-    # loss_kwargs): switched on at full weight from step 0 the pairwise term pulls the
-    # untrained network to the constant labelling.
-    "scribble_crf": (("scribble",), "scribble_loss",
-                     dict(kernel="local", pairwise_weight=0.2, sigma_xy=6.0, sigma_rgb=5.8,
-                          radius=5)),
-    "boxes": (("boxes", "box_classes"), "box_loss", dict(mode="bbox_seg")),
-    # CCNN's VOC fractions assume objects cover 30-70% of the image; on the shapes scenes
-    # they cover 5-20%, so the background bounds are set to the dataset's statistics.
-    "tags": (("tags",), "image_level_loss", dict(fg_lower=0.02, bg_lower=0.5, bg_upper=0.95)),
+    "scribble": (("scribble",), "scribble_loss", {}),
+    "scribble_em": (("scribble",), "scribble_em_loss", {}),
+    "boxes_seg": (BOXES + ("box_seg",), "box_loss", dict(mode="bbox_seg")),
+    "boxes_soft": (BOXES, "box_loss", dict(mode="bbox_soft")),
+    "boxes_em_fixed": (BOXES, "box_loss", dict(mode="em_fixed")),
+    "boxes_em_adapt": (BOXES, "box_loss", dict(mode="em_adapt")),
+    "boxinst": (BOXES, "box_loss", dict(mode="boxinst")),
+    "tags_ccnn": (("tags",), "image_level_loss", dict(fg_lower=0.02, bg_lower=0.5,
+                                                      bg_upper=0.95)),
+    "tags_em_adapt": (("tags",), "image_level_loss", dict(mode="em_adapt")),
 }
 
 
 def loss_kwargs(mode, class_names, num_steps):
   """The mode's loss kwargs for this schedule and dataset (CamVid has no background class)."""
   kwargs = dict(MODES[mode][2])
-  if mode == "scribble_crf":
-    kwargs["warmup_steps"] = num_steps // 3
   if class_names[0].lower() != "background":
-    if mode == "tags":  # every class is a foreground class: only per-class lower bounds
+    if mode == "tags_ccnn":  # every class is a foreground class: only per-class lower bounds
       kwargs = dict(fg_lower=kwargs["fg_lower"], background_class=None)
-    elif mode == "boxes":
+    elif mode.startswith("box"):
       print(f"WARNING: {class_names[0]!r} stands in for the background of the box targets: "
             "this dataset has no background class, and classes without boxes (stuff) get "
             "no label of their own.", flush=True)

@@ -7,7 +7,6 @@ import functools
 from typing import Callable
 
 from jaxseg.losses.box import box_loss
-from jaxseg.losses.cam import cam_loss, cam_pseudo_labels
 from jaxseg.losses.crf import crf_pairwise, dense_crf
 from jaxseg.losses.image_level import constrained_posterior, image_level_loss
 from jaxseg.losses.scribble import scribble_em_loss, scribble_loss, scribble_pseudo_labels
@@ -21,7 +20,6 @@ _LOSSES = {
     "scribble_em_loss": scribble_em_loss,
     "image_level_loss": image_level_loss,
     "box_loss": box_loss,
-    "cam_loss": cam_loss,
 }
 
 

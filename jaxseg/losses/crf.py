@@ -167,14 +167,6 @@ def _blur_121(x, axis):
                            + jax.lax.slice_in_dim(xp, 2, m + 2, axis=axis))
 
 
-def _grid_self_weight(feats, extents):
-  """The grid kernel's diagonal W_ii [N,H,W] (the exact kernel has 1)."""
-  _, _, t = _grid_coords(feats, extents)
-  # sum_ab tent_a B_ab tent_b for one axis, with B = [.5 on the diagonal, .25 beside it].
-  per_axis = 0.5 * (1.0 - t + t * t)
-  return jnp.prod(per_axis, axis=-1) * _grid_gain(feats.shape[-1])
-
-
 def local_offsets(radius: int) -> np.ndarray:
   """The (2r+1)^2 - 1 window offsets (dy, dx), without (0, 0): int32 [K, 2]."""
   r = range(-radius, radius + 1)

@@ -26,7 +26,6 @@ CASES = [
     ("image_level_loss", {"downscale": 4}),
     ("image_level_loss", {"downscale": 1, "solver": "pgd"}),
     ("image_level_loss", {"mode": "em_adapt", "downscale": 2}),
-    ("cam_loss", {"bilateral_sigma_xy": 10.0}),
     ("box_loss", {"mode": "em_fixed"}),
     ("box_loss", {"mode": "em_adapt"}),
     ("box_loss", {"mode": "bbox_seg"}),
@@ -102,7 +101,7 @@ def test_padding_invariance_and_no_retrace(name, kwargs):
 
 def test_registry_names_and_errors():
   for name in ("crf_pairwise", "scribble_loss", "scribble_em_loss", "image_level_loss",
-               "box_loss", "cam_loss", "cross_entropy", "partial_cross_entropy"):
+               "box_loss", "cross_entropy", "partial_cross_entropy"):
     assert name in losses.names()
   assert callable(losses.dense_crf) and callable(losses.constrained_posterior)
   bound = losses.get("box_loss", mode="bbox_seg")
