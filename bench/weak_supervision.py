@@ -2,9 +2,11 @@
 label kinds the trainer sees change (weak runs never see a mask; scoring uses val masks).
 
   python bench/weak_supervision.py                                   # embedded shapes dataset
-  python bench/weak_supervision.py --config jaxseg/configs/segnet_camvid.py:cpu --steps 600
-  python bench/weak_supervision.py --modes full,scribble --set num_steps=300
-  python bench/weak_supervision.py --config jaxseg/configs/deeplabv3plus_shapes.py --modes full,tags_ccnn --steps 600
+  python bench/weak_supervision.py --modes full,scribble --steps 1200
+  python bench/weak_supervision.py --config jaxseg/configs/deeplabv3plus_camvid.py:cpu \
+      --modes full,scribble_pce,scribble --steps 300
+  python bench/weak_supervision.py --config jaxseg/configs/deeplabv3plus_shapes.py \
+      --modes full,tags_ccnn --steps 600
 
 Prints one row per supervision with its mIoU and the ratio to full supervision, and keeps
 ``summary.json`` under ``--root``: modes run by separate calls with the same ``--root`` end up
