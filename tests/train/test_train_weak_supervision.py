@@ -8,9 +8,9 @@ background IoU over the classes present (0.176 here).
 
 The image-level losses do not learn here: trained from scratch, CCNN meets its area
 constraints with diffuse probabilities (foreground probability 0.20 on object and background
-pixels alike), EM-Adapt assigns its quota to arbitrary pixels. From ImageNet features
-(``deeplabv3plus_shapes.py``) CCNN stays at chance too (17.4 after 600 steps) and the CAM loss
-learns (see README); those runs take too long for CI.
+pixels alike) -- a strict xfail that turns into an error the day it passes; EM-Adapt for tags
+assigns its quota to arbitrary pixels (16.0, not trained here). From ImageNet features
+(``deeplabv3plus_shapes.py``) CCNN stays at chance too (17.4 after 600 steps).
 """
 import numpy as np
 import pytest
@@ -23,16 +23,21 @@ from jaxseg.train import loop
 BOXES = ("boxes", "box_classes")
 # loss id -> (label kinds, loss, kwargs, mIoU measured at this size and seed)
 WEAK = {
-    "partial_cross_entropy": (("scribble",), "partial_cross_entropy", {}, None),
-    "scribble_loss": (("scribble",), "scribble_loss", {}, None),
-    "scribble_em_loss": (("scribble",), "scribble_em_loss", {}, None),
-    "box_em_fixed": (BOXES, "box_loss", dict(mode="em_fixed"), None),
-    "box_em_adapt": (BOXES, "box_loss", dict(mode="em_adapt"), None),
-    "box_bbox_soft": (BOXES, "box_loss", dict(mode="bbox_soft"), None),
-    "box_bbox_seg": (BOXES + ("box_seg",), "box_loss", dict(mode="bbox_seg"), None),
-    "box_boxinst": (BOXES, "box_loss", dict(mode="boxinst"), None),
+    "partial_cross_entropy": (("scribble",), "partial_cross_entropy", {}, 0.355),
+    "scribble_loss": (("scribble",), "scribble_loss", {}, 0.404),
+    "scribble_em_loss": (("scribble",), "scribble_em_loss", {}, 0.176),
+    "box_em_fixed": (BOXES, "box_loss", dict(mode="em_fixed"), 0.176),
+    "box_em_adapt": (BOXES, "box_loss", dict(mode="em_adapt"), 0.218),
+    "box_bbox_soft": (BOXES, "box_loss", dict(mode="bbox_soft"), 0.240),
+    "box_bbox_seg": (BOXES + ("box_seg",), "box_loss", dict(mode="bbox_seg"), 0.497),
+    "box_boxinst": (BOXES, "box_loss", dict(mode="boxinst"), 0.214),
 }
 CHANCE_MARGIN = 0.05
+
+CCNN_XFAIL = pytest.mark.xfail(
+    strict=True, reason="CCNN does not learn on these scenes: from scratch it stays at chance "
+    "(0.174 after 600 and 1200 steps), and from ImageNet MobileNetV2 features too "
+    "(deeplabv3plus_shapes.py, 0.174 after 600 steps); see README")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +67,15 @@ def _chance(data_dir):
   masks = np.stack([src[i]["mask"] for i in range(len(src))])
   cm = np.asarray(metrics.confusion_matrix(np.zeros_like(masks), masks, src.num_classes))
   return metrics.summarize(cm)["miou"]
+
+
+@pytest.mark.slow
+@CCNN_XFAIL
+def test_ccnn_trains_above_chance(data_dir, tmp_path):
+  config = _config(data_dir, "image_level_loss", ("tags",),
+                   dict(fg_lower=0.02, bg_lower=0.5, bg_upper=0.95))
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["miou"] > _chance(data_dir) + CHANCE_MARGIN, summary
 
 
 @pytest.mark.slow
