@@ -88,13 +88,7 @@ class CityscapesConfig(tfds.core.BuilderConfig):
 
 
 def make_config(image_size=None) -> CityscapesConfig:
-  if image_size is not None:
-    if isinstance(image_size, (int, np.integer)):
-      image_size = (int(image_size), int(image_size))
-    image_size = tuple(int(s) for s in image_size)
-    if len(image_size) != 2 or min(image_size) < 8:
-      raise ValueError(f"image_size must be (height, width) with sides >= 8, got {image_size}")
-  name = "native" if image_size is None else f"{image_size[0]}x{image_size[1]}"
+  image_size, name = features.image_size_name(image_size)
   return CityscapesConfig(name=name, image_size=image_size,
                           description=f"Cityscapes gtFine at {name} resolution")
 

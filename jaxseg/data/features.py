@@ -161,6 +161,17 @@ class MissingDataError(FileNotFoundError, ValueError):
   ValueError, so either kind of handler catches it."""
 
 
+def image_size_name(image_size) -> tuple[tuple[int, int] | None, str]:
+  """A builder's ``image_size`` argument checked, and its config name ("native" or "HxW")."""
+  if image_size is not None:
+    if isinstance(image_size, (int, np.integer)):
+      image_size = (int(image_size), int(image_size))
+    image_size = tuple(int(s) for s in image_size)
+    if len(image_size) != 2 or min(image_size) < 8:
+      raise ValueError(f"image_size must be (height, width) with sides >= 8, got {image_size}")
+  return image_size, ("native" if image_size is None else f"{image_size[0]}x{image_size[1]}")
+
+
 def require_dir(path, what: str) -> None:
   """Raises `MissingDataError` naming ``path`` when it is not a folder."""
   if path is None:

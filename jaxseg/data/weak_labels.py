@@ -411,6 +411,15 @@ def pad_instances(
 # Tags.
 
 
+def _class_counts(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """Pixels of each class [num_classes], 255 skipped; a ValueError for labels out of range."""
+  values = mask[mask != IGNORE_INDEX].astype(np.int64)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE_INDEX}: "
+                     f"min {values.min()}, max {values.max()}")
+  return np.bincount(values, minlength=num_classes)
+
+
 def tags_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> np.ndarray:
   """Image-level multi-hot labels: class ``c`` is on when at least ``min_pixels`` pixels have it.
 
@@ -420,11 +429,7 @@ def tags_from_mask(mask: np.ndarray, num_classes: int, min_pixels: int = 1) -> n
     float32 [num_classes].
   """
   mask = _check_mask(mask)
-  values = mask[mask != IGNORE_INDEX].astype(np.int64)
-  if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE_INDEX}: "
-                     f"min {values.min()}, max {values.max()}")
-  counts = np.bincount(values, minlength=num_classes)
+  counts = _class_counts(mask, num_classes)
   return (counts >= min_pixels).astype(np.float32)
 
 
@@ -439,11 +444,7 @@ def large_tags_from_mask(mask: np.ndarray, num_classes: int,
     float32 [num_classes].
   """
   mask = _check_mask(mask)
-  values = mask[mask != IGNORE_INDEX].astype(np.int64)
-  if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(f"mask has labels outside [0, {num_classes}) other than {IGNORE_INDEX}: "
-                     f"min {values.min()}, max {values.max()}")
-  counts = np.bincount(values, minlength=num_classes)
+  counts = _class_counts(mask, num_classes)
   return (counts > fraction * max(mask.size, 1)).astype(np.float32)
 
 
