@@ -127,6 +127,7 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
                            spatial_weight: float = 3.0,
                            spatial_sigma_xy: float = 3.0,
                            method: str = "grid",
+                           normalization: str = "symmetric",
                            min_confidence: float = 0.0,
                            max_grid_cells: int = crf.DEFAULT_MAX_GRID_CELLS) -> jax.Array:
   """ScribbleSup-style E-step: full labels proposed from scribbles and the network.
@@ -141,7 +142,7 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
   Args:
     logits: float32 [N,H,W,C] network logits.
     batch: ``image``, ``scribble``, optional ``valid``.
-    iterations, bilateral_*, spatial_*, method, max_grid_cells: the dense CRF
+    iterations, bilateral_*, spatial_*, method, normalization, max_grid_cells: the dense CRF
       (see :func:`jaxseg.losses.dense_crf`).
     min_confidence: pixels whose largest marginal is below this become 255 (ignored).
 
@@ -166,6 +167,7 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
                      bilateral_weight=bilateral_weight, bilateral_sigma_xy=bilateral_sigma_xy,
                      bilateral_sigma_rgb=bilateral_sigma_rgb, spatial_weight=spatial_weight,
                      spatial_sigma_xy=spatial_sigma_xy, method=method,
+                     normalization=normalization,
                      clamp_labels=jnp.where(scribbled, scribble, IGNORE_INDEX),
                      max_grid_cells=max_grid_cells, where=where)
   labels = jnp.argmax(q, axis=-1).astype(jnp.int32)
@@ -186,7 +188,7 @@ def scribble_em_loss(logits: jax.Array, batch: dict, *,
     iterations, min_confidence: see :func:`scribble_pseudo_labels`.
     class_weights: optional [C] cross-entropy weights.
     **crf_kwargs: the other keyword arguments of :func:`scribble_pseudo_labels`
-      (bilateral_*, spatial_*, method, max_grid_cells).
+      (bilateral_*, spatial_*, method, normalization, max_grid_cells).
 
   Returns:
     float32 scalar.
