@@ -1,4 +1,4 @@
-"""DeepLab v3+ (MobileNetV2, output stride 16) on the embedded shapes dataset from ImageNet features.
+"""DeepLab v3+ (MobileNetV2, output stride 16) on the embedded shapes from ImageNet features.
 
 The weak-label recipe that needs pretrained features: image-level tags (CCNN starts from
 ImageNet features; from scratch it learns a constant). Same data, crop and batch as
