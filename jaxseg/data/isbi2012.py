@@ -40,13 +40,7 @@ class IsbiConfig(tfds.core.BuilderConfig):
 def make_config(num_validation: int = 5, image_size=None) -> IsbiConfig:
   if int(num_validation) < 0:
     raise ValueError(f"num_validation must be >= 0, got {num_validation}")
-  if image_size is not None:
-    if isinstance(image_size, (int, np.integer)):
-      image_size = (int(image_size), int(image_size))
-    image_size = tuple(int(s) for s in image_size)
-    if len(image_size) != 2 or min(image_size) < 8:
-      raise ValueError(f"image_size must be (height, width) with sides >= 8, got {image_size}")
-  size = "native" if image_size is None else f"{image_size[0]}x{image_size[1]}"
+  image_size, size = features.image_size_name(image_size)
   name = f"val{int(num_validation)}_{size}"
   return IsbiConfig(name=name, num_validation=int(num_validation), image_size=image_size,
                     description=f"last {num_validation} slices held out, {size} resolution")
