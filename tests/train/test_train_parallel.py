@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import portpicker
-import pytest
 
 WORKER = pathlib.Path(__file__).with_name("parallel_worker.py")
 REPO = WORKER.parents[2]
