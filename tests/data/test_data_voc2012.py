@@ -220,8 +220,6 @@ def test_voc_train_aug_list_and_options(tmp_path):
 
 
 def test_voc_large_tags(voc):
-  if "tags_large" not in features.LABEL_KINDS:
-    pytest.skip("this jaxseg.data.features does not derive tags_large")
   ex = voc[3][0]
   # Background and the aeroplane (16 x 24 of 32 x 48 pixels: 25%) are large; the person
   # (10 x 10: 6.5%) is not.
