@@ -16,6 +16,11 @@ and gradients equal the jit path's however unevenly the devices hold labelled pi
 A loss that declares a keyword ``step`` (warm-ups, ramps) is called with
 ``step=state.step``; other losses are called as ``loss_fn(logits, batch)``.
 
+A model whose class sets ``takes_targets = True`` (Mask R-CNN: anchor and RoI matching and
+sampling happen inside the model) is called as ``model(images, train=True, targets=batch)``,
+and its output dict goes to the loss like logits do. Models draw sampling randomness from the
+``sampling`` RNG stream, which the step provides next to ``dropout``.
+
 Label batches are checked before the step runs, NumPy and device (``jax.Array``) batches
 alike, against ``num_classes`` or, when it is not given, the class count of the model's
 logits (learnt when the step is first traced).
@@ -69,6 +74,11 @@ def loss_takes_step(loss_fn: Callable) -> bool:
   param = sig.parameters.get("step")
   return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                               inspect.Parameter.KEYWORD_ONLY)
+
+
+def model_takes_targets(apply_fn: Callable) -> bool:
+  """Whether the module behind ``apply_fn`` (``model.apply``) wants ``targets=batch``."""
+  return bool(getattr(getattr(apply_fn, "__self__", None), "takes_targets", False))
 
 
 def _label_range(key: str, num_classes: int):
@@ -141,6 +151,20 @@ def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
                        f"got {tuple(cls.shape)}")
     if not jnp.issubdtype(cls.dtype, jnp.integer):
       raise TypeError(f"batch['box_classes'] must hold integer class ids; got dtype {cls.dtype}")
+  if "boxes" in batch:
+    boxes = batch["boxes"]
+    m = batch["box_classes"].shape[1] if "box_classes" in batch else None
+    if boxes.ndim != 3 or boxes.shape[0] != n or boxes.shape[2] != 4 or (
+        m is not None and boxes.shape[1] != m):
+      want = (n, "M" if m is None else m, 4)
+      raise ValueError(f"batch['boxes'] must have shape [N,M,4] = {want} (y0, x0, y1, x1); "
+                       f"got {tuple(boxes.shape)}")
+  if "instance_masks" in batch:
+    inst = batch["instance_masks"]
+    m = batch["box_classes"].shape[1] if "box_classes" in batch else inst.shape[1]
+    if inst.ndim != 4 or tuple(inst.shape) != (n, m, h, w):
+      raise ValueError(f"batch['instance_masks'] must have shape [N,M,H,W] = {(n, m, h, w)}; "
+                       f"got {tuple(inst.shape)}")
   if "valid" in batch and tuple(batch["valid"].shape) != (n, h, w):
     raise ValueError(f"batch['valid'] must have shape {(n, h, w)}; got {tuple(batch['valid'].shape)}")
   if num_classes is not None:
@@ -170,11 +194,15 @@ def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight, pass_ste
 
   # Passed only to losses that declare it (DESIGN.md "Losses"): the batch carries data only.
   kwargs = {"step": jnp.asarray(state.step, jnp.int32)} if pass_step else {}
+  model_kwargs = {"targets": batch} if model_takes_targets(state.apply_fn) else {}
+  # ``sampling`` feeds models that sample training targets (Mask R-CNN's anchors and RoIs);
+  # ``dropout`` keeps the key it always had, so existing runs reproduce.
+  rngs = {"dropout": rng, "sampling": jax.random.fold_in(rng, 1)}
 
   def compute(params):
     out, mutated = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats", "intermediates"])
+        rngs=rngs, mutable=["batch_stats", "intermediates"], **model_kwargs)
     main = loss_fn(out, batch, **kwargs)
     aux_list = collect_aux_logits(mutated.get("intermediates", {}))
     aux = sum((loss_fn(a, batch, **kwargs) for a in aux_list), jnp.zeros((), jnp.float32))
@@ -279,6 +307,8 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
     # Runs at trace time: records the model's class count for the label check.
     if getattr(out, "ndim", None) == 4:
       traced.setdefault("num_classes", int(out.shape[-1]))
+    elif isinstance(out, dict) and getattr(out.get("class_logits"), "ndim", 0) >= 2:
+      traced.setdefault("num_classes", int(out["class_logits"].shape[-1]))  # detection heads
     return loss_fn(out, batch, **kwargs)
 
   def classes(trace):
