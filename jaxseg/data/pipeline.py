@@ -41,6 +41,7 @@ _DATASETS = {
     "isbi2012": "jaxseg.data.isbi2012",
     "voc2012": "jaxseg.data.voc2012",
     "cityscapes": "jaxseg.data.cityscapes",
+    "coco": "jaxseg.data.coco",
 }
 _ALIASES = {"shapes": "jaxseg_shapes"}
 
@@ -146,8 +147,9 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None, ca
     cache: keep decoded examples in memory (see `Source`).
     **builder_kwargs: the dataset's settings, passed to its module's ``make_builder``: for shapes
       ``num_train``, ``num_validation``, ``seed``, ``image_size``; for camvid ``manual_dir``,
-      ``image_size``; for isbi2012 ``manual_dir``, ``num_validation``. Each distinct setting
-      prepares into its own TFDS config folder.
+      ``image_size``; for isbi2012 ``manual_dir``, ``num_validation``; for coco
+      ``manual_dir``, ``image_size``, ``max_instances``, ``contiguous_ids``. Each distinct
+      setting prepares into its own TFDS config folder.
 
   Returns:
     a `Source`.
