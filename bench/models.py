@@ -1,6 +1,7 @@
 """Train-step speed of every registered model, against PyTorch where a twin exists.
 
-Every name in ``jaxseg.models.names()`` runs at least once (``CASES`` lists the cases; a
+Every semantic model in ``jaxseg.models.names()`` runs at least once (Mask R-CNN has
+``bench/maskrcnn.py``) (``CASES`` lists the cases; a
 name registered later and missing there runs with its defaults, with a note). Each case
 runs the library's own step, ``jaxseg.train.make_train_step(jaxseg.losses.cross_entropy)``
 on a state from ``jaxseg.train.create_train_state`` replicated as the trainer does:
@@ -55,7 +56,10 @@ import optax
 
 import jaxseg
 
-# (registered name, builder kwargs). Every registered name appears at least once.
+# Instance models have their own benchmark (bench/maskrcnn.py).
+INSTANCE_MODELS = ("maskrcnn",)
+
+# (registered name, builder kwargs). Every registered semantic model appears at least once.
 CASES = [
     ("unet", {}),
     ("segnet", {}),
@@ -91,6 +95,8 @@ def all_cases():
   cases = list(CASES)
   covered = {name for name, _ in cases}
   for name in jaxseg.models.names():
+    if name in INSTANCE_MODELS:
+      continue  # not a per-pixel classifier: bench/maskrcnn.py
     if name not in covered:
       print(f"note: {name} is not in CASES; running it with its defaults", file=sys.stderr)
       cases.append((name, {}))

@@ -182,11 +182,45 @@ def evaluate(eval_step, state, batches: Iterator[Dict], num_classes: int, *,
   return cm, kept
 
 
-def _eval_batches(config, source):
+def is_instance_model(model) -> bool:
+  """Instance models (Mask R-CNN) train on targets and are scored by COCO AP, not IoU."""
+  return bool(getattr(model, "takes_targets", False))
+
+
+INSTANCE_EVAL_KINDS = ("mask", "boxes", "instance_masks")
+
+
+def _eval_batches(config, source, instance: bool = False):
   return data_lib.eval_batches(
       source, batch_size=config.eval_batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      label_kinds=("mask",))
+      label_kinds=INSTANCE_EVAL_KINDS if instance else ("mask",))
+
+
+def evaluate_instances(predict_step, state, batches: Iterator[Dict], class_names, *,
+                       keep_examples: int = 0) -> Tuple[Dict[str, float], Dict[str, list]]:
+  """COCO box and mask AP of an instance model over ``batches`` (every process's share).
+
+  Returns ``(summary, kept)``: the evaluator's figures (``box_AP``, ``mask_AP``, ``box_AP50``...)
+  and the first ``keep_examples`` images with their ground truth and detections for overlays.
+  Padding examples that complete the last batch (``valid`` all false) are skipped.
+  """
+  from jaxseg.evaluation import coco as coco_lib
+  evaluator = coco_lib.InstanceEvaluator(class_names)
+  kept = {"image": [], "gt": [], "pred": []}
+  for batch in batches:
+    out = jax.tree.map(sharding.to_local_numpy, predict_step(state, batch["image"]))
+    real = (np.asarray(batch["valid"]).reshape(len(batch["image"]), -1).any(1)
+            if "valid" in batch else np.ones(len(batch["image"]), bool))
+    out = {k: v[real] for k, v in out.items()}
+    batch = {k: np.asarray(v)[real] for k, v in batch.items()}
+    evaluator.add(out, batch)
+    for i in range(min(len(batch["image"]), keep_examples - len(kept["image"]))):
+      kept["image"].append(batch["image"][i])
+      kept["gt"].append({k: batch[k][i] for k in ("boxes", "box_classes", "instance_masks")})
+      kept["pred"].append({k: v[i] for k, v in out.items()})
+  summary = {k: float(v) for k, v in evaluator.result()}
+  return summary, kept
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -258,8 +292,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
       aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes)
   state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
-  eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config),
-                                      inference=config.get("inference", None))
+  instance = is_instance_model(model)
+  if instance:
+    eval_step = step_lib.make_predict_step(mesh=mesh)
+  else:
+    eval_step = step_lib.make_eval_step(num_classes, mesh=mesh,
+                                        postprocess=make_postprocess(config),
+                                        inference=config.get("inference", None))
+
+  def run_eval(keep_examples=0):
+    """(summary, confusion matrix or None, kept examples) on the eval split."""
+    batches = _eval_batches(config, eval_src, instance)
+    if instance:
+      summary, kept = evaluate_instances(eval_step, host_state(), batches, class_names,
+                                         keep_examples=keep_examples)
+      return summary, None, kept
+    cm, kept = evaluate(eval_step, host_state(), batches, num_classes,
+                        keep_examples=keep_examples)
+    return metrics_lib.summarize(cm, class_names), cm, kept
 
   def host_state():
     return step_lib.unreplicate_state(state) if pmap else state
@@ -298,12 +348,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if done == stop_at_step:
         break
       if done % config.eval_every == 0 and done < num_steps:
-        cm, _ = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes)
-        summary = metrics_lib.summarize(cm, class_names)
+        summary, _, _ = run_eval()
         writer.write(done, summary, prefix="val/")
         if pbar is not None:
-          pbar.write(f"step {done}: val mIoU {100 * summary['miou']:.2f}  "
-                     f"pixel acc. {100 * summary['pixel_accuracy']:.2f}")
+          pbar.write(f"step {done}: val {_headline(summary)}")
   except FloatingPointError:
     ckpt.close()  # finish pending saves of the finite states
     raise
@@ -326,15 +374,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if stop_at_step is not None and step + 1 == stop_at_step < num_steps:
     return {}
 
-  cm, kept = evaluate(eval_step, host_state(), _eval_batches(config, eval_src), num_classes,
-                      keep_examples=config.get("num_overlays", 8))
-  summary = metrics_lib.summarize(cm, class_names)
+  summary, cm, kept = run_eval(keep_examples=config.get("num_overlays", 8))
   if is_main:
     writer = MetricWriter(workdir)
     writer.write(num_steps, summary, prefix="val/")
     writer.close()
-    _write_eval_outputs(workdir, config.eval_split, cm, class_names, kept, num_classes)
+    if instance:
+      _write_instance_outputs(workdir, config.eval_split, summary, class_names, kept)
+    else:
+      _write_eval_outputs(workdir, config.eval_split, cm, class_names, kept, num_classes)
   return summary
+
+
+def _headline(summary: Dict[str, float]) -> str:
+  """The progress-bar line of an evaluation summary (semantic or instance)."""
+  if "miou" in summary:
+    return (f"mIoU {100 * summary['miou']:.2f}  pixel acc. "
+            f"{100 * summary['pixel_accuracy']:.2f}")
+  return "  ".join(f"{k} {100 * summary[k]:.2f}" for k in INSTANCE_HEADLINE if k in summary)
+
+
+INSTANCE_HEADLINE = ("box_AP", "box_AP50", "mask_AP", "mask_AP50", "mask_AP75")
+
+
+def _write_instance_outputs(workdir, split, summary, class_names, kept, prefix="") -> None:
+  os.makedirs(workdir, exist_ok=True)
+  rows = [f"{k:>10s} {100 * summary[k]:6.2f}" for k in sorted(summary)
+          if k.startswith(("box_", "mask_"))]
+  print(f"\n{prefix}{split} split (COCO AP, %):\n" + "\n".join(rows), flush=True)
+  with open(os.path.join(workdir, f"{prefix}{split}_metrics.json"), "w") as f:
+    json.dump({**summary, "class_names": list(class_names)}, f, indent=2)
+  if kept["image"]:
+    path = os.path.join(workdir, f"{prefix}{split}_overlays.png")
+    visualize.save_instance_grid(path, np.stack(kept["image"]), kept["gt"], kept["pred"],
+                                 class_names)
+    print(f"Overlays (image | ground truth | detections): {path}", flush=True)
 
 
 def _write_eval_outputs(workdir, split, cm, class_names, kept, num_classes, prefix="") -> None:
@@ -372,6 +446,16 @@ def evaluate_workdir(workdir: str, split: Optional[str] = None, *,
                         jax.random.key(0))
   state, _, meta = ckpt.restore(state, step=step)
   state = sharding.replicate(state, mesh)
+  if is_instance_model(model):
+    summary, kept = evaluate_instances(
+        step_lib.make_predict_step(mesh=mesh), state, _eval_batches(config, src, True),
+        list(src.class_names), keep_examples=config.get("num_overlays", 8))
+    if jax.process_index() == 0:
+      print(f"Checkpoint step {meta['step']} from {ckpt.directory}")
+      _write_instance_outputs(workdir, split, summary, list(src.class_names), kept,
+                              prefix="eval_")
+    ckpt.close()
+    return summary
   eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config),
                                       inference=config.get("inference", None))
   cm, kept = evaluate(eval_step, state, _eval_batches(config, src), num_classes,

@@ -392,6 +392,29 @@ def eval_logits(state: TrainState, images):
   return state.apply_fn(state.variables(), images, train=False)
 
 
+def make_predict_step(*, mesh: Optional[Mesh] = None) -> Callable:
+  """Build ``predict_step(state, images [N,H,W,3]) -> model outputs`` in eval mode.
+
+  For models whose eval output is not a logits map (Mask R-CNN's detections dict): jitted
+  over the mesh with the images sharded on ``data`` and every output sharded the same way
+  (each leaf has the batch as its leading axis).
+  """
+  mesh = shd.make_mesh() if mesh is None else mesh
+  repl, data = shd.replicated(mesh), shd.data_sharding(mesh)
+
+  def predict(state, images):
+    return state.apply_fn(state.variables(), images, train=False)
+
+  jitted = jax.jit(predict, in_shardings=(repl, data), out_shardings=data)
+
+  def predict_step(state, images):
+    check_images(images)
+    return jitted(state, shd.shard_batch({"image": images}, mesh)["image"])
+
+  predict_step.jitted = jitted
+  return predict_step
+
+
 def make_eval_step(num_classes: int, *, mesh: Optional[Mesh] = None,
                    postprocess: Optional[Callable] = None, inference=None) -> Callable:
   """Build ``eval_step(state, batch) -> {"confusion": [C,C] int32, "predictions": [N,H,W]}``.
