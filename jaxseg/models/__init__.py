@@ -7,11 +7,13 @@ from jaxseg.models import layers  # noqa: F401
 from jaxseg.models import backbones  # noqa: F401
 # Importing the families registers their builders.
 from jaxseg.models import deeplab, dilated, fcn, pspnet, refinenet, segnet, unet  # noqa: F401
+from jaxseg.models import maskrcnn  # noqa: F401
 from jaxseg.models import heads  # noqa: F401
 from jaxseg.models.backbones import build_backbone  # noqa: F401
 from jaxseg.models.deeplab import DeepLabVGG  # noqa: F401
 from jaxseg.models.dilated import Dilation  # noqa: F401
 from jaxseg.models.fcn import FCN  # noqa: F401
+from jaxseg.models.maskrcnn import MaskRCNN  # noqa: F401
 from jaxseg.models.registry import build, names, register  # noqa: F401
 from jaxseg.models.segmentation import SegmentationModel  # noqa: F401
 from jaxseg.models.segnet import SegNet  # noqa: F401
