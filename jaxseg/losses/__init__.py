@@ -9,6 +9,7 @@ from typing import Callable
 from jaxseg.losses.box import box_loss
 from jaxseg.losses.crf import crf_pairwise, dense_crf
 from jaxseg.losses.image_level import constrained_posterior, image_level_loss
+from jaxseg.losses.maskrcnn import maskrcnn_loss, maskrcnn_loss_terms
 from jaxseg.losses.scribble import scribble_em_loss, scribble_loss, scribble_pseudo_labels
 from jaxseg.losses.supervised import cross_entropy, partial_cross_entropy
 
@@ -20,6 +21,7 @@ _LOSSES = {
     "scribble_em_loss": scribble_em_loss,
     "image_level_loss": image_level_loss,
     "box_loss": box_loss,
+    "maskrcnn_loss": maskrcnn_loss,
 }
 
 
