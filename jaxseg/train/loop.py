@@ -399,8 +399,9 @@ INSTANCE_HEADLINE = ("box_AP", "box_AP50", "mask_AP", "mask_AP50", "mask_AP75")
 
 def _write_instance_outputs(workdir, split, summary, class_names, kept, prefix="") -> None:
   os.makedirs(workdir, exist_ok=True)
-  rows = [f"{k:>10s} {100 * summary[k]:6.2f}" for k in sorted(summary)
-          if k.startswith(("box_", "mask_"))]
+  # COCOeval reports -1 where a figure is undefined (no object in that size range).
+  rows = [f"{k:>10s} " + (f"{100 * v:6.2f}" if v >= 0 else "   n/a")
+          for k, v in summary.items() if k.startswith(("box_", "mask_"))]
   print(f"\n{prefix}{split} split (COCO AP, %):\n" + "\n".join(rows), flush=True)
   with open(os.path.join(workdir, f"{prefix}{split}_metrics.json"), "w") as f:
     json.dump({**summary, "class_names": list(class_names)}, f, indent=2)

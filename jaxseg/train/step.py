@@ -351,6 +351,10 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
                    out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
 
   def train_step(state, batch, rng):
+    # A host state (``create_train_state``'s, whose step is a Python int) is placed on the
+    # mesh here, so the first and later calls share one executable; a replicated state
+    # passes through untouched.
+    state = shd.replicate(state, mesh)
     batch = _host_or_sharded(batch, shd.data_sharding(mesh))
     validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
     sharded = shd.shard_batch(batch, mesh)
