@@ -9,7 +9,8 @@ Scored by COCO box and mask AP on the validation split.
   python eval.py --workdir runs/maskrcnn_shapes
 
 Variants: ``:smoke`` for tests (tiny, seconds); ``:boxes`` trains the mask head from boxes
-only (BoxInst's projection + pairwise terms, ``box_supervision="boxinst"``).
+only (``mask_supervision="boxes"``: BoxInst's projection + pairwise terms on the 28x28 RoI
+masks, ``loss_kwargs.mask_loss="boxinst"``).
 """
 import ml_collections
 
@@ -30,7 +31,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   config.model = "maskrcnn"
   config.model_kwargs = dict(
-      backbone="resnet18", fpn_channels=64, representation_size=256, mask_head_channels=64,
+      backbone="resnet18", fpn_channels=64, representation_size=256, mask_head_channels=32,
       anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
       rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
       rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
@@ -42,9 +43,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.parallel = "jit"
   config.optimizer = dict(name="adamw", learning_rate=1e-3, weight_decay=1e-4,
                           schedule="cosine", warmup_steps=50)
-  config.num_steps = 1500
+  config.num_steps = 1200
   config.log_every = 20
-  config.eval_every = 500
+  config.eval_every = 400
   config.checkpoint_every = 250
   config.keep_checkpoints = 3
   config.num_overlays = 8
@@ -64,6 +65,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 4
     config.optimizer.warmup_steps = 0
     config.num_overlays = 2
+  elif arg == "boxes":
+    config.label_kinds = ("boxes",)
+    config.model_kwargs.mask_supervision = "boxes"
+    config.loss_kwargs = dict(mask_loss="boxinst", warmup_steps=config.num_steps // 4)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of maskrcnn_shapes; valid: smoke")
+    raise ValueError(f"unknown variant {arg!r} of maskrcnn_shapes; valid: smoke, boxes")
   return config

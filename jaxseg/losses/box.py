@@ -404,8 +404,8 @@ def neighbour_offsets(size: int = 3, dilation: int = 2) -> np.ndarray:
                      if (dy, dx) != (0, 0)], np.int32)
 
 
-def _shift(x, dy, dx):
-  """``out[:, i, j] = x[:, i + dy, j + dx]``, zero outside (static offsets)."""
+def shift2d(x: jax.Array, dy: int, dx: int) -> jax.Array:
+  """``out[:, i, j] = x[:, i + dy, j + dx]``, zero outside; x is [N,H,W,...], static offsets."""
   h, w = x.shape[1], x.shape[2]
   pad = [(0, 0), (max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0))] + [(0, 0)] * (x.ndim - 3)
   xp = jnp.pad(x, pad)
@@ -418,8 +418,8 @@ def color_similarity(image: jax.Array, valid: jax.Array, offsets) -> jax.Array:
   lab = rgb_to_lab(image)
   sims = []
   for dy, dx in offsets:
-    nb = _shift(lab, int(dy), int(dx))
-    ok = _shift(valid, int(dy), int(dx)) * valid
+    nb = shift2d(lab, int(dy), int(dx))
+    ok = shift2d(valid, int(dy), int(dx)) * valid
     dist = jnp.sqrt(jnp.sum(jnp.square(lab - nb), axis=-1) + 1e-12)
     sims.append(jnp.exp(-0.5 * dist) * ok)
   return jax.lax.stop_gradient(jnp.stack(sims, axis=-1))
@@ -432,14 +432,21 @@ def _log1mexp(x):
   return jnp.log(-jnp.expm1(jnp.minimum(x, -1e-7)))
 
 
-def _logaddexp(a, b):
+def logaddexp_finite(a: jax.Array, b: jax.Array) -> jax.Array:
   """log(exp(a) + exp(b)) for finite inputs (jnp.logaddexp's inf handling costs ~2x on CPU)."""
   return jnp.maximum(a, b) + jnp.log1p(jnp.exp(-jnp.abs(a - b)))
 
 
-def _dice(x, t, axis):
+def dice_loss(x: jax.Array, t: jax.Array, axis) -> jax.Array:
+  """BoxInst's Dice loss ``1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)`` along ``axis``."""
   inter = jnp.sum(x * t, axis=axis)
   return 1.0 - 2.0 * inter / (jnp.sum(x * x, axis=axis) + jnp.sum(t * t, axis=axis) + 1e-5)
+
+
+# The helpers' former private names (kept for existing callers).
+_shift = shift2d
+_logaddexp = logaddexp_finite
+_dice = dice_loss
 
 
 def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size: int = 3,
@@ -461,8 +468,8 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
 
   log_p = jax.nn.log_softmax(logits, axis=-1)
   p = jnp.exp(log_p) * valid[..., None]
-  proj = _dice(jnp.max(p, axis=1), jnp.max(in_box, axis=1), axis=1)  # along y -> [N,C]
-  proj = proj + _dice(jnp.max(p, axis=2), jnp.max(in_box, axis=2), axis=1)
+  proj = dice_loss(jnp.max(p, axis=1), jnp.max(in_box, axis=1), axis=1)  # along y -> [N,C]
+  proj = proj + dice_loss(jnp.max(p, axis=2), jnp.max(in_box, axis=2), axis=1)
   proj_loss = _common.global_mean(jnp.sum(proj * present), jnp.sum(present), min_count=1.0)
 
   offsets = neighbour_offsets(pairwise_size, pairwise_dilation)
@@ -472,9 +479,9 @@ def boxinst_terms(logits, batch, *, color_threshold: float = 0.3, pairwise_size:
   total = jnp.zeros((), jnp.float32)
   count = jnp.zeros((), jnp.float32)
   for k, (dy, dx) in enumerate(offsets):
-    weight = (similar[..., k] * _shift(valid, int(dy), int(dx)))[..., None] * in_box
-    same = _logaddexp(log_p + _shift(log_p, int(dy), int(dx)),
-                      log_1mp + _shift(log_1mp, int(dy), int(dx)))
+    weight = (similar[..., k] * shift2d(valid, int(dy), int(dx)))[..., None] * in_box
+    same = logaddexp_finite(log_p + shift2d(log_p, int(dy), int(dx)),
+                            log_1mp + shift2d(log_1mp, int(dy), int(dx)))
     total = total - jnp.sum(same * weight)
     count = count + jnp.sum(weight)
   pair_loss = _common.global_mean(total, count, min_count=1.0)

@@ -18,6 +18,12 @@ Conventions:
   y1/x1 when it reads them.
 - Class 0 is background; ``num_classes`` counts it (torchvision's 91 for COCO).
 
+``mask_supervision="boxes"`` trains the mask head from the boxes alone (BoxInst, Tian et al.
+2021, on Mask R-CNN's RoI masks): the model needs no ``instance_masks``, returns the gt boxes'
+28x28 footprints as ``mask_targets`` and the RoIs' colours as ``mask_colors``, and
+``jaxseg.losses.maskrcnn_loss(..., mask_loss="boxinst")`` turns them into BoxInst's
+projection and pairwise terms. The RPN and the box head train from the boxes as usual.
+
 Differences from torchvision that cannot be removed with static shapes: the inference
 per-class NMS sees at most ``box_candidates`` (RoI, class) pairs (the best-scoring ones),
 which is exact whenever no more pairs pass ``box_score_thresh``; random sampling draws
@@ -49,6 +55,7 @@ MASK_ROI_SIZE = 14
 MASK_SIZE = roi_heads.MASK_SIZE
 CANVAS_MULTIPLE = 32
 TARGET_KEYS = ("boxes", "box_classes", "instance_masks")
+MASK_SUPERVISION = ("masks", "boxes")
 
 
 class MaskRCNN(nn.Module):
@@ -72,6 +79,11 @@ class MaskRCNN(nn.Module):
       ``R * (num_classes - 1)`` pairs (exact, O(pairs^2) NMS).
     paste_masks: return ``masks`` pasted at canvas resolution; False returns the 28x28
       ``mask_probs`` instead (paste on the host with :func:`paste_masks`).
+    mask_supervision: what trains the mask head. "masks" (torchvision): ``mask_targets`` are
+      the matched ``instance_masks`` projected on the RoIs. "boxes" (BoxInst): training reads
+      only ``boxes``/``box_classes``; ``mask_targets`` are the matched gt boxes' footprints
+      in the RoIs' 28x28 frames, and the outputs add ``mask_colors`` for the pairwise term
+      (train with ``maskrcnn_loss(..., mask_loss="boxinst")``). Inference is the same.
     sampler: ``(labels [K] int32, key, num_samples, positive_fraction) -> (pos, neg)`` bool
       [K] masks; labels >= 1 positive, 0 negative, -1 ignored. Used by the RPN and RoI heads
       (inject a deterministic one for parity tests).
@@ -109,6 +121,7 @@ class MaskRCNN(nn.Module):
   box_positive_fraction: float = 0.25
   box_candidates: Optional[int] = 5000
   paste_masks: bool = True
+  mask_supervision: str = "masks"
   sampler: Callable = ops.balanced_sample
   dtype: Any = jnp.float32
 
@@ -163,6 +176,9 @@ class MaskRCNN(nn.Module):
         raise ValueError(f"maskrcnn: {name} must be in (0, 1], got {getattr(self, name)!r}")
     if int(self.box_batch_size_per_image * self.box_positive_fraction) < 1:
       raise ValueError("maskrcnn: box_batch_size_per_image * box_positive_fraction must be >= 1")
+    if self.mask_supervision not in MASK_SUPERVISION:
+      raise ValueError(f"maskrcnn: mask_supervision must be one of {MASK_SUPERVISION}, got "
+                       f"{self.mask_supervision!r}")
 
   def _check_images(self, images) -> Tuple[int, int]:
     layers.check_images(images, "maskrcnn")
@@ -173,17 +189,21 @@ class MaskRCNN(nn.Module):
     return h, w
 
   def _check_targets(self, targets, images) -> Dict[str, jax.Array]:
+    keys = TARGET_KEYS if self.mask_supervision == "masks" else TARGET_KEYS[:2]
     if targets is None:
-      raise ValueError("maskrcnn: train=True needs targets=batch with 'boxes', 'box_classes' "
-                       "and 'instance_masks'")
+      raise ValueError(f"maskrcnn: train=True needs targets=batch with {list(keys)}")
     if not hasattr(targets, "keys"):
       raise TypeError(f"maskrcnn: targets must be a dict (the batch), got "
                       f"{type(targets).__name__}")
-    missing = [k for k in TARGET_KEYS if k not in targets]
+    missing = [k for k in keys if k not in targets]
     if missing:
-      raise ValueError(f"maskrcnn: targets lack {missing}; need {list(TARGET_KEYS)}")
+      hint = ""
+      if "instance_masks" in missing:
+        hint = ("; without instance masks, build the model with mask_supervision='boxes' "
+                "(BoxInst: the mask head learns from the boxes)")
+      raise ValueError(f"maskrcnn: targets lack {missing}; need {list(keys)}{hint}")
     n, h, w = images.shape[:3]
-    boxes, classes, masks = (targets[k] for k in TARGET_KEYS)
+    boxes, classes = targets["boxes"], targets["box_classes"]
     if boxes.ndim != 3 or boxes.shape[0] != n or boxes.shape[2] != 4:
       raise ValueError(f"maskrcnn: targets['boxes'] must be [N,M,4] with N={n}, got "
                        f"{tuple(boxes.shape)}")
@@ -195,6 +215,9 @@ class MaskRCNN(nn.Module):
                        f"{tuple(classes.shape)}")
     if not jnp.issubdtype(classes.dtype, jnp.integer):
       raise TypeError(f"maskrcnn: targets['box_classes'] must be integer, got {classes.dtype}")
+    if self.mask_supervision == "boxes":
+      return {"boxes": boxes, "box_classes": classes}
+    masks = targets["instance_masks"]
     if tuple(masks.shape) != (n, m, h, w):
       raise ValueError(f"maskrcnn: targets['instance_masks'] must be [N,M,H,W]=({n}, {m}, {h}, "
                        f"{w}) (canvas size), got {tuple(masks.shape)}")
@@ -269,7 +292,8 @@ class MaskRCNN(nn.Module):
       train: training mode (target assignment and sampling; needs ``targets`` and the
         ``"sampling"`` RNG).
       targets: the batch: ``boxes`` float32 [N,M,4] inclusive pixel boxes, ``box_classes``
-        int32 [N,M] (-1 padding), ``instance_masks`` uint8 [N,M,H,W].
+        int32 [N,M] (-1 padding), ``instance_masks`` uint8 [N,M,H,W] (not read with
+        ``mask_supervision="boxes"``).
 
     Returns:
       ``train=False``: ``boxes`` [N,K,4], ``scores`` [N,K], ``classes`` int32 [N,K],
@@ -282,7 +306,10 @@ class MaskRCNN(nn.Module):
       ``roi_labels`` int32 [N,S], ``roi_valid`` bool [N,S], ``roi_targets`` [N,S,4];
       ``mask_logits`` [N,P,28,28] (gt-class channel), ``mask_targets`` [N,P,28,28],
       ``mask_valid`` bool [N,P]; S = ``box_batch_size_per_image``, P = int(S *
-      ``box_positive_fraction``).
+      ``box_positive_fraction``). With ``mask_supervision="boxes"``, ``mask_targets`` are
+      the gt boxes' footprints and ``mask_colors`` [N,P,28,28,3] is the image (in [0,1])
+      sampled on the same RoI grids (RoIAlign, 2x2 samples per bin; no gradient), zero on
+      invalid slots.
 
     Also sows into ``intermediates``: ``fpn`` (P2..P6), ``rpn_logits``, ``rpn_deltas``,
     ``proposals`` [N,R,4], ``proposal_valid`` [N,R]; in eval ``box_roi_features``
@@ -309,7 +336,7 @@ class MaskRCNN(nn.Module):
     self.sow("intermediates", "proposals", proposals)
     self.sow("intermediates", "proposal_valid", proposal_valid)
     if train:
-      return self._train_outputs(fpn, rpn_logits, rpn_deltas, np.concatenate(anchors),
+      return self._train_outputs(images, fpn, rpn_logits, rpn_deltas, np.concatenate(anchors),
                                  proposals, proposal_valid, targets, image_size)
     return self._detect(fpn, proposals, proposal_valid, image_size)
 
@@ -317,8 +344,8 @@ class MaskRCNN(nn.Module):
   # Training and inference
   # --------------------------------------------------------------------------
 
-  def _train_outputs(self, fpn, rpn_logits, rpn_deltas, anchors, proposals, proposal_valid,
-                     targets, image_size):
+  def _train_outputs(self, images, fpn, rpn_logits, rpn_deltas, anchors, proposals,
+                     proposal_valid, targets, image_size):
     n = rpn_logits.shape[0]
     # Inclusive pixel boxes -> continuous boxes.
     gt_boxes = targets["boxes"].astype(jnp.float32) + jnp.asarray([0.0, 0.0, 1.0, 1.0])
@@ -354,15 +381,27 @@ class MaskRCNN(nn.Module):
     mask_logits = self._mask_branch(fpn, mask_boxes, image_size)
     mask_logits = jnp.take_along_axis(mask_logits, mask_classes[:, :, None, None, None],
                                       axis=4)[..., 0]
-    mask_targets = jax.vmap(roi_heads.mask_targets)(targets["instance_masks"], mask_boxes,
-                                                    mask_matched, mask_valid)
-    return {
+    out = {
         "rpn_logits": rpn_logits, "rpn_deltas": rpn_deltas, "rpn_labels": rpn_labels,
         "rpn_targets": rpn_targets,
         "class_logits": class_logits, "box_deltas": box_deltas, "roi_labels": rois.labels,
         "roi_valid": rois.valid, "roi_targets": rois.targets,
-        "mask_logits": mask_logits, "mask_targets": mask_targets, "mask_valid": mask_valid,
+        "mask_logits": mask_logits, "mask_valid": mask_valid,
     }
+    if self.mask_supervision == "masks":
+      out["mask_targets"] = jax.vmap(roi_heads.mask_targets)(
+          targets["instance_masks"], mask_boxes, mask_matched, mask_valid)
+      return out
+    box_fn = functools.partial(roi_heads.box_mask_targets, image_size=image_size)
+    out["mask_targets"] = jax.vmap(box_fn)(targets["boxes"].astype(jnp.float32), mask_boxes,
+                                           mask_matched, mask_valid)
+    # The pairwise term compares colours of neighbouring mask pixels, so the image is sampled
+    # on the mask logits' own grid (the RoI's 28x28 bins).
+    colors = ops.roi_align(images.astype(jnp.float32), mask_boxes, MASK_SIZE,
+                           spatial_scale=1.0, sampling_ratio=2, aligned=False)
+    out["mask_colors"] = jax.lax.stop_gradient(
+        jnp.where(mask_valid[:, :, None, None, None], colors, 0.0))
+    return out
 
   def _detect(self, fpn, proposals, proposal_valid, image_size):
     feats, class_logits, box_deltas = self._box_branch(fpn, proposals, image_size)

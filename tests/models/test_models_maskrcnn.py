@@ -4,13 +4,15 @@ References are independent of the code under test: torchvision's ``AnchorGenerat
 ``box_iou``, ``BoxCoder``, ``roi_align`` and ``paste_masks_in_image``, and hand-made cases.
 Numerical parity of the whole network with torchvision lives in the converter's tests.
 All model tests share one tiny model (ResNet-18 x 0.25, a 64x96 canvas) and one compiled
-eval and train function, so the file runs in well under a minute on two CPU cores.
+eval and train function (plus one forward of the box-supervised variant), so the file runs in
+about a minute on two CPU cores.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from torchvision.models.detection import anchor_utils, image_list
@@ -164,6 +166,7 @@ def test_registered_with_targets_flag():
     (dict(anchor_sizes=((32, 64),) + ((32,),) * 4), ValueError, "same number of anchors"),
     (dict(box_positive_fraction=0.0), ValueError, "box_positive_fraction"),
     (dict(box_candidates=0), ValueError, "box_candidates"),
+    (dict(mask_supervision="scribbles"), ValueError, "mask_supervision must be one of"),
 ])
 def test_invalid_configuration(kwargs, error, match):
   kwargs = {"num_classes": 91, **kwargs}
@@ -520,3 +523,69 @@ def test_gradients_reach_every_head(train_out):
   for name in ("backbone", "rpn", "box_head", "box_predictor", "mask_head", "mask_predictor"):
     norms = [float(np.abs(g).sum()) for g in jax.tree.leaves(grads[name])]
     assert all(np.isfinite(norms)) and sum(norms) > 0, name
+
+
+# ----------------------------------------------------------------------------
+# Box supervision (BoxInst on the mask head)
+# ----------------------------------------------------------------------------
+
+def _box_batch():
+  return {k: v for k, v in _batch().items() if k != "instance_masks"}
+
+
+def test_mask_supervision_from_masks_needs_instance_masks(model, variables):
+  with pytest.raises(ValueError, match="lack.*instance_masks.*mask_supervision='boxes'"):
+    model.apply(variables, _images(), train=True, targets=_box_batch(),
+                rngs={"sampling": jax.random.key(0)})
+
+
+def test_box_supervision_targets_and_colors(variables, train_out):
+  """Without instance masks: the same sampling and heads as mask supervision, box-footprint
+  mask targets (torchvision RoIAlign of the hand-rasterised matched gt box) and the image
+  sampled on the mask grid (torchvision RoIAlign, sampling_ratio 2)."""
+  model = _model(mask_supervision="boxes")
+  batch = _box_batch()
+  out = jax.device_get(jax.jit(lambda v, b: model.apply(
+      v, b["image"], train=True, targets=b, rngs={"sampling": jax.random.key(1)}))(
+          variables, batch))
+  _, ref, inter, _ = train_out  # mask supervision, same variables, batch and key
+  assert set(out) == set(ref) | {"mask_colors"}
+  for k in ref:
+    if k != "mask_targets":
+      np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
+  assert out["mask_colors"].shape == (N, ref["mask_valid"].shape[1], 28, 28, 3)
+  image = torch.tensor(np.asarray(batch["image"])).permute(0, 3, 1, 2)
+  for i in range(N):
+    rois = inter["sampled_boxes"][0][i]
+    pos = np.flatnonzero(out["roi_valid"][i] & (out["roi_labels"][i] > 0))
+    gt = _gt(batch, i)
+    arg = tv_box_iou(_xyxy(gt), _xyxy(rois[pos])).numpy().argmax(axis=0)
+    raster = np.zeros((len(gt), H, W), np.float32)
+    for g, (y0, x0, y1, x1) in enumerate(np.asarray(batch["boxes"][i][:len(gt)], int)):
+      raster[g, y0:y1 + 1, x0:x1 + 1] = 1.0  # inclusive pixel boxes
+    roi = torch.cat([torch.tensor(arg, dtype=torch.float32)[:, None], _xyxy(rois[pos])], 1)
+    ref_t = tv_roi_align(torch.tensor(raster)[:, None], roi, (28, 28), 1.0)[:, 0].numpy()
+    np.testing.assert_allclose(out["mask_targets"][i][:len(pos)], ref_t, atol=1e-5)
+    roi = torch.cat([torch.full((len(pos), 1), float(i)), _xyxy(rois[pos])], 1)
+    ref_c = tv_roi_align(image, roi, (28, 28), 1.0, sampling_ratio=2, aligned=False)
+    np.testing.assert_allclose(out["mask_colors"][i][:len(pos)],
+                               ref_c.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    assert not out["mask_targets"][i][len(pos):].any()
+    assert not out["mask_colors"][i][len(pos):].any()
+
+
+@pytest.mark.slow  # compiling the full train step takes ~25 s on two CPU cores
+def test_box_supervision_trains_through_make_train_step(variables):
+  """Boxes only, end to end through the library's train step: the loss goes down."""
+  model = _model(mask_supervision="boxes", box_batch_size_per_image=64)
+  state = jaxseg.train.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                         batch_stats=variables["batch_stats"],
+                                         tx=optax.adam(1e-3))
+  loss_fn = functools.partial(jaxseg.losses.maskrcnn_loss, mask_loss="boxinst", warmup_steps=0)
+  step = jaxseg.train.make_train_step(loss_fn, donate=False)
+  batch = _box_batch()
+  values = []
+  for _ in range(4):
+    state, metrics = step(state, batch, jax.random.key(0))
+    values.append(float(jax.device_get(metrics["loss"])))
+  assert np.isfinite(values).all() and values[-1] < values[0], values

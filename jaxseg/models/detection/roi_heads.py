@@ -84,6 +84,18 @@ def positive_slots(labels, valid, num_positive: int) -> Tuple[jax.Array, jax.Arr
   return idx, is_pos[idx]
 
 
+def _project_on_boxes(mask_of, boxes, matched, valid):
+  """``roi_align_adaptive`` of ``mask_of(matched[p])`` [1, H, W] on each box, 0 where invalid."""
+  def one(args):
+    box, index = args
+    return ops.roi_align_adaptive(mask_of(index), box[None], MASK_SIZE,
+                                  max_sampling_ratio=None)[0]
+
+  # Chunked so at most MASK_TARGET_CHUNK full-size masks are materialised at once.
+  out = jax.lax.map(one, (boxes, matched), batch_size=min(MASK_TARGET_CHUNK, boxes.shape[0]))
+  return jax.lax.stop_gradient(jnp.where(valid[:, None, None], out, 0.0))
+
+
 def mask_targets(gt_masks, boxes, matched, valid):
   """Soft 28x28 mask targets of one image (``project_masks_on_boxes``).
 
@@ -98,14 +110,40 @@ def mask_targets(gt_masks, boxes, matched, valid):
   Returns:
     float32 [P, 28, 28], zero on invalid slots.
   """
-  def one(args):
-    box, index = args
-    mask = jax.lax.dynamic_index_in_dim(gt_masks, index, keepdims=True).astype(jnp.float32)
-    return ops.roi_align_adaptive(mask, box[None], MASK_SIZE, max_sampling_ratio=None)[0]
+  def mask_of(index):
+    return jax.lax.dynamic_index_in_dim(gt_masks, index, keepdims=True).astype(jnp.float32)
 
-  # Chunked so at most MASK_TARGET_CHUNK full-size gt masks are gathered at once.
-  out = jax.lax.map(one, (boxes, matched), batch_size=min(MASK_TARGET_CHUNK, boxes.shape[0]))
-  return jax.lax.stop_gradient(jnp.where(valid[:, None, None], out, 0.0))
+  return _project_on_boxes(mask_of, boxes, matched, valid)
+
+
+def box_mask_targets(gt_boxes, boxes, matched, valid, image_size: Tuple[int, int]):
+  """28x28 box-footprint targets of one image (box-supervised mask heads, BoxInst).
+
+  Each matched gt box is rasterised at canvas resolution (pixel (y, x) is inside iff
+  ``y0 <= y <= y1`` and ``x0 <= x <= x1``, the data's inclusive convention) and projected on
+  the RoI exactly as :func:`mask_targets` projects an instance mask, so the result is the
+  box's soft footprint in the RoI's 28x28 frame.
+
+  Args:
+    gt_boxes: float [M, 4] INCLUSIVE pixel boxes (y0, x0, y1, x1), as in the batch.
+    boxes: [P, 4] positive RoIs (continuous); matched: int32 [P] their gt index;
+      valid: bool [P].
+    image_size: static canvas (H, W).
+
+  Returns:
+    float32 [P, 28, 28], zero on invalid slots.
+  """
+  h, w = image_size
+  ys = jnp.arange(h, dtype=jnp.float32)[:, None]
+  xs = jnp.arange(w, dtype=jnp.float32)[None, :]
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+
+  def mask_of(index):
+    y0, x0, y1, x1 = jax.lax.dynamic_index_in_dim(gt_boxes, index, keepdims=False)
+    inside = (ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)
+    return inside.astype(jnp.float32)[None]
+
+  return _project_on_boxes(mask_of, boxes, matched, valid)
 
 
 class Detections(NamedTuple):
