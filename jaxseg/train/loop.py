@@ -190,11 +190,24 @@ def is_instance_model(model) -> bool:
 INSTANCE_EVAL_KINDS = ("mask", "boxes", "instance_masks")
 
 
+def eval_image_size(config, instance: bool = False) -> Optional[Tuple[int, int]]:
+  """The canvas eval images are fitted into (shrunk to fit, padded; ``valid`` marks padding).
+
+  ``config.eval_image_size`` when set. Otherwise instance models, which need one canvas (a
+  multiple of 32), use ``crop_size``; semantic models see every image as it is.
+  """
+  size = config.get("eval_image_size", None)
+  if size is None and instance:
+    size = config.get("crop_size", None)
+  return None if size is None else tuple(size)
+
+
 def _eval_batches(config, source, instance: bool = False):
   return data_lib.eval_batches(
       source, batch_size=config.eval_batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      label_kinds=INSTANCE_EVAL_KINDS if instance else ("mask",))
+      label_kinds=INSTANCE_EVAL_KINDS if instance else ("mask",),
+      image_size=eval_image_size(config, instance))
 
 
 def evaluate_instances(predict_step, state, batches: Iterator[Dict], class_names, *,

@@ -5,6 +5,9 @@ Usage: python parallel_worker.py MODE OUT.npz [process_id num_processes port]
   MODE = multihost          : one of two jax.distributed processes (2 CPU devices each).
   MODE = weak               : 2 CPU devices; weak losses, jit and pmap, on scribble/box
                               batches whose shards hold very different numbers of labels.
+  MODE = maskrcnn           : 2 CPU devices; a tiny Mask R-CNN on the embedded shapes: one
+                              device, a 2-device jit mesh and pmap, with a deterministic
+                              sampler (pmap draws per-device keys, so random sampling differs).
 Writes the flattened parameters (and batch statistics) after 3 steps to OUT.npz.
 """
 import sys
@@ -91,9 +94,59 @@ def run_weak(out):
   np.savez(out, **arrays)
 
 
+def first_k_sampler(labels, key, num_samples, positive_fraction):
+  """The first positives and negatives in index order, torchvision's counts (no randomness)."""
+  import jax.numpy as jnp
+  del key
+  pos, neg = labels >= 1, labels == 0
+  num_pos = jnp.minimum(pos.sum(), int(num_samples * positive_fraction))
+  num_neg = jnp.minimum(neg.sum(), num_samples - num_pos)
+  return pos & (jnp.cumsum(pos) <= num_pos), neg & (jnp.cumsum(neg) <= num_neg)
+
+
+def run_maskrcnn(out):
+  import jax
+  jax.config.update("jax_num_cpu_devices", 2)
+  import optax
+  import jaxseg
+  from jaxseg.data import shapes
+  from jaxseg.models import maskrcnn
+
+  examples = [shapes.generate_example(0, "train", i) for i in range(4 * STEPS)]
+  batches = [{"image": np.stack([e["image"] for e in chunk]).astype(np.float32) / 255,
+              **{k: np.stack([e[k] for e in chunk])
+                 for k in ("boxes", "box_classes", "instance_masks")}}
+             for chunk in (examples[i:i + 4] for i in range(0, len(examples), 4))]
+  fields = dict(maskrcnn.TINY, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=50,
+                box_batch_size_per_image=32)
+  arrays = {}
+  for mode in ("single", "jit", "pmap"):
+    model = jaxseg.models.build("maskrcnn", num_classes=5, sampler=first_k_sampler, **fields)
+    state = jaxseg.train.create_train_state(jax.random.key(0), model, optax.sgd(0.02, 0.9),
+                                            batches[0]["image"])
+    if mode.startswith("pmap"):
+      step = jaxseg.train.make_train_step(jaxseg.losses.maskrcnn_loss, parallel="pmap")
+      state = jaxseg.train.replicate_state(state)
+    else:
+      devices = jax.devices()[:1] if mode == "single" else jax.devices()
+      step = jaxseg.train.make_train_step(jaxseg.losses.maskrcnn_loss,
+                                          mesh=jaxseg.train.make_mesh(devices))
+    values = []
+    for i, batch in enumerate(batches):
+      state, metrics = step(state, batch, jax.random.key(i))
+      values.append(float(jax.device_get(metrics["loss"])))
+    if mode.startswith("pmap"):
+      state = jaxseg.train.unreplicate_state(state)
+    arrays.update({f"{mode}|{k}": v for k, v in _flat(state).items()})
+    arrays[f"{mode}|__losses__"] = np.asarray(values)
+  np.savez(out, **arrays)
+
+
 def run(mode, out, process_id=0, num_processes=1, port=0):
   if mode == "weak":
     return run_weak(out)
+  if mode == "maskrcnn":
+    return run_maskrcnn(out)
   import jax
   if mode == "multihost":
     jax.config.update("jax_num_cpu_devices", 2)

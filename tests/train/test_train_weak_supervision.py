@@ -11,6 +11,10 @@ constraints with diffuse probabilities (foreground probability 0.20 on object an
 pixels alike) -- a strict xfail that turns into an error the day it passes; EM-Adapt for tags
 assigns its quota to arbitrary pixels (16.0, not trained here). From ImageNet features
 (``deeplabv3plus_shapes.py``) CCNN stays at chance too (17.4 after 600 steps).
+
+``scribble_em_loss`` and ``box_loss(mode="em_fixed")`` are not trained here: from scratch both
+stay at chance (0.176 measured), where a bound of 0.8x the measured figure can only catch a
+crash, which their unit tests (tests/losses, the loss contract) already catch in seconds.
 """
 import numpy as np
 import pytest
@@ -25,8 +29,6 @@ BOXES = ("boxes", "box_classes")
 WEAK = {
     "partial_cross_entropy": (("scribble",), "partial_cross_entropy", {}, 0.355),
     "scribble_loss": (("scribble",), "scribble_loss", {}, 0.404),
-    "scribble_em_loss": (("scribble",), "scribble_em_loss", {}, 0.176),
-    "box_em_fixed": (BOXES, "box_loss", dict(mode="em_fixed"), 0.176),
     "box_em_adapt": (BOXES, "box_loss", dict(mode="em_adapt"), 0.218),
     "box_bbox_soft": (BOXES, "box_loss", dict(mode="bbox_soft"), 0.240),
     "box_bbox_seg": (BOXES + ("box_seg",), "box_loss", dict(mode="bbox_seg"), 0.497),
