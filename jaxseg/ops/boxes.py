@@ -126,6 +126,14 @@ def box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
 
 
+def _size_and_centre(boxes):
+  """(height, width, centre y, centre x) of (y0, x0, y1, x1) boxes, torchvision's arithmetic
+  (size = x1 - x0 without +1, centre = x0 + 0.5 * size)."""
+  h = boxes[..., 2] - boxes[..., 0]
+  w = boxes[..., 3] - boxes[..., 1]
+  return h, w, boxes[..., 0] + 0.5 * h, boxes[..., 1] + 0.5 * w
+
+
 def encode_boxes(gt: jnp.ndarray, ref: jnp.ndarray,
                  weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> jnp.ndarray:
   """Regression targets of ``gt`` relative to ``ref`` (torchvision ``BoxCoder.encode``).
@@ -146,14 +154,8 @@ def encode_boxes(gt: jnp.ndarray, ref: jnp.ndarray,
   if not jnp.issubdtype(gt.dtype, jnp.floating):
     gt = gt.astype(jnp.float32)
   ref = jnp.asarray(ref).astype(gt.dtype)
-  ref_h = ref[..., 2] - ref[..., 0]
-  ref_w = ref[..., 3] - ref[..., 1]
-  ref_cy = ref[..., 0] + 0.5 * ref_h
-  ref_cx = ref[..., 1] + 0.5 * ref_w
-  gt_h = gt[..., 2] - gt[..., 0]
-  gt_w = gt[..., 3] - gt[..., 1]
-  gt_cy = gt[..., 0] + 0.5 * gt_h
-  gt_cx = gt[..., 1] + 0.5 * gt_w
+  ref_h, ref_w, ref_cy, ref_cx = _size_and_centre(ref)
+  gt_h, gt_w, gt_cy, gt_cx = _size_and_centre(gt)
   # Same association as torchvision: (w * diff) / size.
   dy = wy * (gt_cy - ref_cy) / ref_h
   dx = wx * (gt_cx - ref_cx) / ref_w
@@ -184,10 +186,7 @@ def decode_boxes(deltas: jnp.ndarray, ref: jnp.ndarray,
   if not jnp.issubdtype(deltas.dtype, jnp.floating):
     deltas = deltas.astype(jnp.float32)
   ref = jnp.asarray(ref).astype(deltas.dtype)
-  h = ref[..., 2] - ref[..., 0]
-  w = ref[..., 3] - ref[..., 1]
-  cy = ref[..., 0] + 0.5 * h
-  cx = ref[..., 1] + 0.5 * w
+  h, w, cy, cx = _size_and_centre(ref)
   dy = deltas[..., 0] / wy
   dx = deltas[..., 1] / wx
   dh = jnp.minimum(deltas[..., 2] / wh, clip)
