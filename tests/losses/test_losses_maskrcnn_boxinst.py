@@ -207,8 +207,15 @@ def test_pairwise_matches_brute_force_pairs():
   ref, count, margin = _brute_force_pairwise(logits, targets, valid, colors)
   assert count > 50 and margin > 1e-3  # both kinds of edges, none near the threshold
   logits[1, 1] = np.nan  # padding must not count
-  got = float(BOXINST(_outputs(logits, targets, valid, colors))["loss_mask_pairwise"])
+  got = float(BOXINST(_outputs(logits, targets, valid, colors),
+                      pairwise_dilation=2)["loss_mask_pairwise"])
   assert got == pytest.approx(ref, rel=1e-4)
+  # The default: the 8 nearest neighbours (dilation 1).
+  logits[1, 1] = 0.0
+  ref1, _, _ = _brute_force_pairwise(logits, targets, valid, colors, dilation=1)
+  logits[1, 1] = np.nan
+  got = float(BOXINST(_outputs(logits, targets, valid, colors))["loss_mask_pairwise"])
+  assert got == pytest.approx(ref1, rel=1e-4) and abs(ref1 - ref) > 1e-3
   # A 5x5 kernel at dilation 1 and another threshold.
   logits[1, 1] = 0.0
   ref, _, margin = _brute_force_pairwise(logits, targets, valid, colors, tau=0.5, size=5,
