@@ -126,6 +126,18 @@ def box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
 
 
+def _coder_inputs(x, x_name: str, ref, weights, where: str):
+  """Checked box-coder inputs: ``x`` as a float array (float32 if integer), ``ref`` in its
+  dtype, and the four weights."""
+  _check_boxes(x, x_name, where)
+  _check_boxes(ref, "ref", where)
+  weights = _check_weights(weights, where)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  return x, jnp.asarray(ref).astype(x.dtype), weights
+
+
 def _size_and_centre(boxes):
   """(height, width, centre y, centre x) of (y0, x0, y1, x1) boxes, torchvision's arithmetic
   (size = x1 - x0 without +1, centre = x0 + 0.5 * size)."""
@@ -147,13 +159,7 @@ def encode_boxes(gt: jnp.ndarray, ref: jnp.ndarray,
     [..., 4] deltas (dy, dx, dh, dw) with ``dy = wy * (gcy - rcy) / rh`` and
     ``dh = wh * log(gh / rh)``.
   """
-  _check_boxes(gt, "gt", "encode_boxes")
-  _check_boxes(ref, "ref", "encode_boxes")
-  wy, wx, wh, ww = _check_weights(weights, "encode_boxes")
-  gt = jnp.asarray(gt)
-  if not jnp.issubdtype(gt.dtype, jnp.floating):
-    gt = gt.astype(jnp.float32)
-  ref = jnp.asarray(ref).astype(gt.dtype)
+  gt, ref, (wy, wx, wh, ww) = _coder_inputs(gt, "gt", ref, weights, "encode_boxes")
   ref_h, ref_w, ref_cy, ref_cx = _size_and_centre(ref)
   gt_h, gt_w, gt_cy, gt_cx = _size_and_centre(gt)
   # Same association as torchvision: (w * diff) / size.
@@ -179,13 +185,7 @@ def decode_boxes(deltas: jnp.ndarray, ref: jnp.ndarray,
   Returns:
     [..., 4] decoded boxes (y0, x0, y1, x1), not clipped to the image.
   """
-  _check_boxes(deltas, "deltas", "decode_boxes")
-  _check_boxes(ref, "ref", "decode_boxes")
-  wy, wx, wh, ww = _check_weights(weights, "decode_boxes")
-  deltas = jnp.asarray(deltas)
-  if not jnp.issubdtype(deltas.dtype, jnp.floating):
-    deltas = deltas.astype(jnp.float32)
-  ref = jnp.asarray(ref).astype(deltas.dtype)
+  deltas, ref, (wy, wx, wh, ww) = _coder_inputs(deltas, "deltas", ref, weights, "decode_boxes")
   h, w, cy, cx = _size_and_centre(ref)
   dy = deltas[..., 0] / wy
   dx = deltas[..., 1] / wx
