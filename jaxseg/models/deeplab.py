@@ -42,13 +42,13 @@ class DilatedFCBranch(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     r = self.rate
-    x = nn.Conv(self.features, (3, 3), padding=[(r, r), (r, r)], kernel_dilation=(r, r),
+    x = layers.Conv(self.features, (3, 3), padding=[(r, r), (r, r)], kernel_dilation=(r, r),
                 kernel_init=vgg.he_normal, dtype=self.dtype, name="fc6")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    x = nn.Conv(self.features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
+    x = layers.Conv(self.features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
                 name="fc7")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    return nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
+    return layers.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01),
                    dtype=self.dtype, name="fc8")(x)
 
 

@@ -92,10 +92,10 @@ class ContextModule(nn.Module):
     init = identity_kernel_init(self.num_classes, noise)
     for i, (d, width) in enumerate(zip(self.dilations, widths)):
       name = "ctx_fc1" if i == len(self.dilations) - 1 else f"ctx_conv{i + 1}"
-      x = nn.Conv(width, (3, 3), padding=[(d, d), (d, d)], kernel_dilation=(d, d),
+      x = layers.Conv(width, (3, 3), padding=[(d, d), (d, d)], kernel_dilation=(d, d),
                   kernel_init=init, dtype=self.dtype, name=name)(x)
       x = nn.relu(x)
-    return nn.Conv(self.num_classes, (1, 1), kernel_init=init, dtype=self.dtype,
+    return layers.Conv(self.num_classes, (1, 1), kernel_init=init, dtype=self.dtype,
                    name="ctx_final")(x)
 
 
@@ -147,10 +147,10 @@ class Dilation(nn.Module):
     x = layers.MatmulConv(self.fc_features, (7, 7), dilation=4, kernel_init=vgg.he_normal,
                           dtype=self.dtype, name="fc6")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    x = nn.Conv(self.fc_features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
+    x = layers.Conv(self.fc_features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
                 name="fc7")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(1e-3),
+    x = layers.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.normal(1e-3),
                 dtype=self.dtype, name="final")(x)
     if self.context is not None:
       x = ContextModule(self.num_classes, self.context, self.context_dilations,

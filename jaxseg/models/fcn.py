@@ -54,7 +54,7 @@ class FCN(nn.Module):
   dtype: Any = jnp.float32
 
   def _score(self, x, name):
-    return nn.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
+    return layers.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, name=name)(x)
 
   def _up(self, x, k, s, name):
@@ -76,7 +76,7 @@ class FCN(nn.Module):
     x = layers.MatmulConv(self.fc_features, (7, 7), kernel_init=vgg.he_normal, dtype=self.dtype,
                           name="fc6")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    x = nn.Conv(self.fc_features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
+    x = layers.Conv(self.fc_features, (1, 1), kernel_init=vgg.he_normal, dtype=self.dtype,
                 name="fc7")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
     x = self._score(x, "score_fr")

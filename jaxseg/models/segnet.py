@@ -52,13 +52,13 @@ class SegNet(nn.Module):
       depth = vgg.VGG16_DEPTHS[stage - 1]
       for j, width in enumerate(widths):
         name = f"conv{stage}_{depth - j}_D"
-        x = nn.Conv(width, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
+        x = layers.Conv(width, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
                     dtype=self.dtype, name=name)(x)
         x = layers.batch_norm(use_running_average=not train,
                               bias_init=nn.initializers.constant(0.001), dtype=self.dtype,
                               name=f"{name}_bn")(x)
         x = nn.relu(x)
-    x = nn.Conv(self.num_classes, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
+    x = layers.Conv(self.num_classes, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=vgg.he_normal,
                 dtype=self.dtype, name="conv1_1_D")(x)
     return x.astype(jnp.float32)
 

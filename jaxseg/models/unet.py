@@ -95,7 +95,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     pad = [(1, 1), (1, 1)] if self.padding == "same" else [(0, 0), (0, 0)]
     for i in range(2):
-      x = nn.Conv(self.features, (3, 3), padding=pad, use_bias=self.norm is None,
+      x = layers.Conv(self.features, (3, 3), padding=pad, use_bias=self.norm is None,
                   kernel_init=_he_normal, dtype=self.dtype, name=f"conv{i}")(x)
       if self.norm == "batch":
         x = layers.batch_norm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
@@ -176,13 +176,13 @@ class UNet(nn.Module):
       else:
         x = jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]),
                              "bilinear")
-        x = nn.Conv(width, (1, 1), kernel_init=_he_normal, dtype=self.dtype,
+        x = layers.Conv(width, (1, 1), kernel_init=_he_normal, dtype=self.dtype,
                     name=f"upconv{level}")(x)
       skip = layers.center_crop(skips[level], x.shape[1:3])
       x = jnp.concatenate([skip, x], axis=-1)
       x = block(width, name=f"up{level}")(x, train=train)
 
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=_he_normal, dtype=self.dtype,
+    x = layers.Conv(self.num_classes, (1, 1), kernel_init=_he_normal, dtype=self.dtype,
                 name="head")(x)
     if self.padding == "same":
       x = x[:, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]

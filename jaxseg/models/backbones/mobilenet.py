@@ -78,7 +78,7 @@ class InvertedResidualLayers(nn.Module):
       i = 1
     x = ConvNormReLU6(self.hidden, 3, self.stride, self.dilation, groups=self.hidden,
                       norm=self.norm, dtype=self.dtype, name=str(i))(x)
-    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=layers.kaiming_fan_out,
+    x = layers.Conv(self.features, (1, 1), use_bias=False, kernel_init=layers.kaiming_fan_out,
                 dtype=self.dtype, name=str(i + 1))(x)
     return self.norm(name=str(i + 2))(x)
 

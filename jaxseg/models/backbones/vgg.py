@@ -78,7 +78,7 @@ class VGG16(nn.Module):
         else:
           pad = dilation if self.padded else 0
         name = f"conv{stage}_{i}"
-        x = nn.Conv(width, (3, 3), padding=[(pad, pad), (pad, pad)],
+        x = layers.Conv(width, (3, 3), padding=[(pad, pad), (pad, pad)],
                     kernel_dilation=(dilation, dilation), use_bias=True,
                     kernel_init=self.kernel_init, dtype=self.dtype, name=name)(x)
         if self.norm == "batch":

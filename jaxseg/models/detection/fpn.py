@@ -44,11 +44,11 @@ class FPN(nn.Module):
   @nn.compact
   def __call__(self, feats: Sequence[Any]) -> Tuple[Any, ...]:
     def inner(i):
-      return nn.Conv(self.channels, (1, 1), kernel_init=fpn_init, bias_init=nn.initializers.zeros,
+      return layers.Conv(self.channels, (1, 1), kernel_init=fpn_init, bias_init=nn.initializers.zeros,
                      dtype=self.dtype, name=f"inner_{i}")
 
     def layer(i):
-      return nn.Conv(self.channels, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=fpn_init,
+      return layers.Conv(self.channels, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=fpn_init,
                      bias_init=nn.initializers.zeros, dtype=self.dtype, name=f"layer_{i}")
 
     last = inner(len(feats) - 1)(feats[-1])

@@ -28,11 +28,11 @@ class RPNHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Sequence[Any]) -> Tuple[Any, Any]:
-    conv = nn.Conv(features[0].shape[-1], (3, 3), padding=[(1, 1), (1, 1)], kernel_init=rpn_init,
+    conv = layers.Conv(features[0].shape[-1], (3, 3), padding=[(1, 1), (1, 1)], kernel_init=rpn_init,
                    bias_init=zeros, dtype=self.dtype, name="conv")
-    cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, bias_init=zeros,
+    cls = layers.Conv(self.num_anchors, (1, 1), kernel_init=rpn_init, bias_init=zeros,
                   dtype=self.dtype, name="cls_logits")
-    box = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=rpn_init, bias_init=zeros,
+    box = layers.Conv(4 * self.num_anchors, (1, 1), kernel_init=rpn_init, bias_init=zeros,
                   dtype=self.dtype, name="bbox_pred")
     logits, deltas = [], []
     for f in features:
@@ -86,7 +86,7 @@ class MaskRCNNHeads(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i, c in enumerate(self.channels, 1):
-      x = nn.relu(nn.Conv(c, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=layers.kaiming_fan_out,
+      x = nn.relu(layers.Conv(c, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=layers.kaiming_fan_out,
                           bias_init=zeros, dtype=self.dtype, name=f"mask_fcn{i}")(x))
     return x
 
@@ -108,6 +108,6 @@ class MaskRCNNPredictor(nn.Module):
                          transpose_kernel=True, kernel_init=layers.kaiming_fan_out,
                          bias_init=zeros, dtype=self.dtype, name="conv5_mask")(x)
     x = nn.relu(x)
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=layers.kaiming_fan_out, bias_init=zeros,
+    x = layers.Conv(self.num_classes, (1, 1), kernel_init=layers.kaiming_fan_out, bias_init=zeros,
                 dtype=self.dtype, name="mask_fcn_logits")(x)
     return x.astype(jnp.float32)
