@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.ops import conv as conv_ops
+from jaxseg.ops import pool as pool_ops
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,7 +162,7 @@ def max_pool(x, window: int = 2, stride: int = 2, padding: int = 0, ceil_mode: b
   """
   pads = (_ceil_pads(x.shape[1], window, stride, padding, ceil_mode),
           _ceil_pads(x.shape[2], window, stride, padding, ceil_mode))
-  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+  return pool_ops.max_pool2d(x, (window, window), (stride, stride), pads)
 
 
 def argmax_pool(x):

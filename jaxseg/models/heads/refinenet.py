@@ -66,7 +66,7 @@ class ChainedResidualPooling(nn.Module):
     x = nn.relu(x)
     top = x
     for i in range(self.stages):
-      top = nn.max_pool(top, (5, 5), (1, 1), padding=((2, 2), (2, 2)))
+      top = layers.max_pool(top, 5, 1, 2)
       top = _conv3x3(x.shape[-1], f"conv{i + 1}", dtype=self.dtype)(top)
       x = x + top
     return x
