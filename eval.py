@@ -24,8 +24,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from jaxseg.train import loop
+  from jaxseg.train import loop, runtime
   config = loop.load_config(FLAGS.workdir)
+  runtime.configure(config)  # host devices and compile cache, as train.py
   if "inference" not in config:
     # Runs saved before the key existed: give --config.inference.* overrides a node to edit.
     with config.unlocked():

@@ -38,9 +38,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
+  from jaxseg.train import runtime
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  # Before any device is touched: data parallel over the CPU cores, persistent compile cache.
+  runtime.configure(FLAGS.config, num_processes=FLAGS.num_processes or 1)
   from jaxseg.train import loop
 
   def preempted(signum, frame):

@@ -1,5 +1,6 @@
 """Meshes and moving host data onto (possibly multi-host) devices."""
-from typing import Optional, Sequence
+import collections
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -59,6 +60,39 @@ def shard_batch(batch, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, batch)
+
+
+def prefetch_to_device(batches: Iterable, mesh: Mesh, size: int = 2,
+                       check: Optional[Callable] = None) -> Iterator:
+  """Yield ``shard_batch(b, mesh)`` for each host batch ``b``, keeping ``size`` batches ahead.
+
+  Transfers are asynchronous, so the next batches travel to the devices while the current
+  step runs. ``check(b)`` (e.g. ``validate_batch`` with the class count) runs on each host
+  batch before it is sent, so errors still name the bad batch.
+  """
+  if size < 1:
+    raise ValueError(f"prefetch size must be >= 1, got {size}")
+  it = iter(batches)
+  queue = collections.deque()
+
+  def enqueue():
+    batch = next(it)
+    if check is not None:
+      check(batch)
+    queue.append(shard_batch(batch, mesh))
+
+  for _ in range(size):
+    try:
+      enqueue()
+    except StopIteration:
+      break
+  while queue:
+    out = queue.popleft()
+    try:
+      enqueue()
+    except StopIteration:
+      pass
+    yield out
 
 
 def to_local_numpy(x: jax.Array) -> np.ndarray:
