@@ -1,16 +1,152 @@
 """Convolution with backend-aware gradients: ``conv_general_dilated``.
 
-Same signature and result as ``jax.lax.conv_general_dilated``; on CPU some shapes get a
-different gradient formulation (chosen per shape at trace time, see ``gradient_plan``).
+Same signature and forward result as ``jax.lax.conv_general_dilated``. On CPU, for the shapes
+where XLA's own gradient is slow (``gradient_plan``), the backward pass is computed another
+way inside a ``jax.custom_vjp``:
+
+* weight gradient as one matrix product per kernel tap,
+  ``dW[a, b] = X[a, b]^T dY`` with ``X[a, b]`` the input view the tap sees ([N*Ho*Wo, C_in])
+  and ``dY`` [N*Ho*Wo, C_out]: no transposed copies of the activations (XLA's route turns
+  the batch into the feature dimension and back);
+* input gradient of a stride-1 convolution as the forward convolution of ``dY`` with the
+  spatially flipped, in/out-swapped kernel (XLA's own lowering of this gradient was slower
+  than its forward convolution, up to several times for dilated kernels on small maps).
+
+``bench/conv_grad.py`` measured both routes per shape; ``gradient_plan`` encodes where the
+custom route won (README: measured figures). GPU and TPU always take XLA's gradient.
 """
+import functools
+
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_plain_nhwc(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
+                   feature_group_count, batch_group_count):
+  """Whether the call is a 2-D NHWC/HWIO convolution the custom gradient handles."""
+  if lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
+    return False
+  if isinstance(padding, str) or lhs_dilation not in (None, (1, 1)):
+    return False
+  dn = dimension_numbers
+  if isinstance(dn, lax.ConvDimensionNumbers):
+    return dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  return tuple(dn or ()) == _NHWC
+
+
+def gradient_plan(x_shape, w_shape, strides, rhs_dilation, backend=None):
+  """``(custom weight gradient, custom input gradient)`` for an NHWC conv on ``backend``.
+
+  Read off ``bench/conv_grad.py`` on the 2-core CPU (README): the flipped-kernel input
+  gradient beat XLA's for every stride-1 shape measured (0.55-0.95x its time: UNet/VGG maps
+  at 128 px as much as dilated ResNet layers); the per-tap weight gradient wins on maps of
+  at most 16x16 positions with 256+ input channels or 1x1 kernels (deep ResNet/ASPP/RefineNet
+  layers) and loses on larger maps with few channels, which keep XLA's.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return False, False
+  _, h, w, cin = x_shape
+  kh, kw, _, _ = w_shape
+  small_map = h * w <= 256
+  custom_dw = small_map and (cin >= 256 or kh == kw == 1)
+  custom_dx = tuple(strides) == (1, 1)
+  return custom_dw, custom_dx
+
+
+def _taps(xp, out_hw, kernel_hw, strides, dilation):
+  """The input view of every kernel tap, [N,Ho,Wo,C] each, row-major tap order."""
+  n, _, _, c = xp.shape
+  ho, wo = out_hw
+  (sh, sw), (dh, dw) = strides, dilation
+  for a in range(kernel_hw[0]):
+    for b in range(kernel_hw[1]):
+      yield lax.slice(xp, (0, a * dh, b * dw, 0),
+                      (n, a * dh + (ho - 1) * sh + 1, b * dw + (wo - 1) * sw + 1, c),
+                      (1, sh, sw, 1))
+
+
+def _weight_grad(x, g, w_shape, strides, padding, dilation, precision):
+  kh, kw, cin, cout = w_shape
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  g2 = g.reshape(-1, cout)
+  rows = [lax.dot_general(v.reshape(-1, cin), g2, (((0,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+          for v in _taps(xp, g.shape[1:3], (kh, kw), strides, dilation)]
+  return jnp.stack(rows).reshape(w_shape)
+
+
+def _input_grad_flipped(x_shape, w, g, padding, dilation, precision):
+  """dX of a stride-1 conv = conv(dY, flip(W) with in/out swapped), re-padded."""
+  kh, kw = w.shape[:2]
+  dh, dw = dilation
+  (pt, pb), (pl, pr) = padding
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  # The input-gradient's padding: full correlation minus what the forward padding added;
+  # the forward's trailing cells that no output reached are covered by the end padding.
+  h, wd = x_shape[1:3]
+  ho, wo = g.shape[1:3]
+  top, left = dh * (kh - 1) - pt, dw * (kw - 1) - pl
+  bottom = h - (ho + top - dh * (kh - 1))
+  right = wd - (wo + left - dw * (kw - 1))
+  return lax.conv_general_dilated(g, w_t.astype(g.dtype), (1, 1), ((top, bottom), (left, right)),
+                                  rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv(x, w, strides, padding, dilation, precision, custom_dw, custom_dx):
+  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_fwd(x, w, strides, padding, dilation, precision, custom_dw, custom_dx):
+  return _conv(x, w, strides, padding, dilation, precision, custom_dw, custom_dx), (x, w)
+
+
+def _conv_bwd(strides, padding, dilation, precision, custom_dw, custom_dx, res, g):
+  x, w = res
+  xla = None
+  if not (custom_dw and custom_dx):
+    _, xla = jax.vjp(lambda x, w: lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=_NHWC,
+        precision=precision), x, w)
+  if custom_dx:
+    dx = _input_grad_flipped(x.shape, w, g, padding, dilation, precision).astype(x.dtype)
+  if custom_dw:
+    dw = _weight_grad(x, g, w.shape, strides, padding, dilation, precision).astype(w.dtype)
+  if xla is not None:
+    xla_dx, xla_dw = xla(g)  # XLA drops the half it does not need
+    dx = dx if custom_dx else xla_dx
+    dw = dw if custom_dw else xla_dw
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """``jax.lax.conv_general_dilated`` (drop-in: ``nn.Conv(conv_general_dilated=...)``)."""
+  """``jax.lax.conv_general_dilated`` with the gradient of ``gradient_plan``.
+
+  Drop-in for ``nn.Conv(conv_general_dilated=...)`` (``jaxseg.models.layers.Conv``). Calls the
+  custom-gradient route handles (2-D NHWC/HWIO, explicit padding, no input dilation or
+  groups, default output type) only where ``gradient_plan`` says it is faster; every other
+  call is ``lax.conv_general_dilated`` itself.
+  """
+  strides = tuple(window_strides)
+  dilation = tuple(rhs_dilation or (1, 1))
+  if preferred_element_type is None and _is_plain_nhwc(
+      lhs, rhs, strides, padding, lhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count):
+    custom_dw, custom_dx = gradient_plan(lhs.shape, rhs.shape, strides, dilation)
+    if custom_dw or custom_dx:
+      pads = tuple(tuple(int(v) for v in p) for p in padding)
+      return _conv(lhs, rhs, strides, pads, dilation, precision, custom_dw, custom_dx)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

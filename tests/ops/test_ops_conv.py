@@ -1,0 +1,100 @@
+"""``jaxseg.ops.conv``: the custom-gradient convolution against ``torch.nn.functional.conv2d``."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg.models import layers
+from jaxseg.ops import conv as conv_ops
+
+torch = pytest.importorskip("torch")
+
+CASES = [  # (N, H, W, C_in, C_out, k, stride, dilation, padding)
+    (2, 9, 7, 5, 6, 3, 1, 1, 1),
+    (2, 8, 8, 4, 3, 3, 1, 2, 2),    # atrous, "same"
+    (1, 6, 6, 3, 4, 3, 1, 4, 4),    # dilation larger than the map
+    (2, 11, 10, 3, 5, 3, 2, 1, 1),  # strided, odd sizes
+    (1, 13, 13, 3, 4, 7, 2, 1, 3),  # ResNet stem
+    (2, 5, 4, 6, 7, 1, 1, 1, 0),    # 1x1
+    (2, 9, 9, 4, 4, 1, 2, 1, 0),    # strided 1x1 (ResNet projection)
+    (1, 7, 7, 4, 5, 3, 1, 1, 0),    # valid
+]
+
+
+def torch_grads(x, w, g, stride, dilation, padding):
+  tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
+  y = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=padding, dilation=dilation)
+  y.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  return (y.detach().numpy().transpose(0, 2, 3, 1), tx.grad.numpy().transpose(0, 2, 3, 1),
+          tw.grad.numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,dilation,padding", CASES)
+@pytest.mark.parametrize("custom", [(True, False), (False, True), (True, True)])
+def test_custom_gradients_match_torch(n, h, w, cin, cout, k, stride, dilation, padding, custom):
+  custom_dw, custom_dx = custom
+  if custom_dx and stride != 1:
+    pytest.skip("the flipped-kernel input gradient is for stride 1 only (gradient_plan)")
+  rng = np.random.RandomState(k * 7 + h)
+  x = rng.randn(n, h, w, cin).astype(np.float32)
+  kern = rng.randn(k, k, cin, cout).astype(np.float32)
+  ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  g = rng.randn(n, ho, wo, cout).astype(np.float32)
+  pads = ((padding, padding), (padding, padding))
+
+  def f(x, kern):
+    return conv_ops._conv(x, kern, (stride, stride), pads, (dilation, dilation), None,
+                          custom_dw, custom_dx)
+
+  y, vjp = jax.vjp(jax.jit(f), jnp.asarray(x), jnp.asarray(kern))
+  dx, dw = vjp(jnp.asarray(g))
+  ty, tdx, tdw = torch_grads(x, kern, g, stride, dilation, padding)
+  np.testing.assert_allclose(np.asarray(y), ty, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dx), tdx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dw), tdw, rtol=1e-4, atol=1e-3)
+
+
+def test_gradient_plan_is_cpu_only_and_follows_the_measured_rule():
+  assert conv_ops.gradient_plan((2, 8, 8, 512), (3, 3, 512, 512), (1, 1), (2, 2), "gpu") == (
+      False, False)
+  assert conv_ops.gradient_plan((2, 8, 8, 512), (3, 3, 512, 512), (1, 1), (2, 2), "cpu") == (
+      True, True)
+  # Large maps with few channels keep XLA's weight gradient; strided convs its input gradient.
+  assert conv_ops.gradient_plan((4, 128, 128, 32), (3, 3, 32, 32), (1, 1), (1, 1), "cpu") == (
+      False, True)
+  assert conv_ops.gradient_plan((2, 16, 16, 64), (3, 3, 64, 64), (2, 2), (1, 1), "cpu") == (
+      False, False)
+  assert conv_ops.gradient_plan((2, 16, 16, 64), (1, 1, 64, 256), (1, 1), (1, 1), "cpu") == (
+      True, True)
+
+
+def test_layers_conv_equals_flax_conv_with_the_same_parameters():
+  """``layers.Conv`` is ``nn.Conv``: same parameter tree, outputs and gradients."""
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 8, 8, 256), jnp.float32)
+  ours = layers.Conv(8, (3, 3), padding=[(2, 2), (2, 2)], kernel_dilation=(2, 2))
+  ref = nn.Conv(8, (3, 3), padding=[(2, 2), (2, 2)], kernel_dilation=(2, 2))
+  v = ours.init(jax.random.key(0), x)
+  assert jax.tree.structure(v) == jax.tree.structure(ref.init(jax.random.key(0), x))
+
+  def loss(model, v, x):
+    return jnp.sum(jnp.sin(model.apply(v, x)))
+
+  a, ga = jax.value_and_grad(loss, argnums=(1, 2))(ours, v, x)
+  b, gb = jax.value_and_grad(loss, argnums=(1, 2))(ref, v, x)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for p, q in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_gradients_keep_their_dtypes():
+  x = jnp.ones((1, 6, 6, 256), jnp.bfloat16)
+  w = jnp.full((3, 3, 256, 4), 0.01, jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: conv_ops.conv_general_dilated(
+      x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+      dimension_numbers=("NHWC", "HWIO", "NHWC")).astype(jnp.float32).sum(), (0, 1))(x, w)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  # Centre taps see all 36 positions (padding 2, dilation 2 on a 6x6 map): dW = 16 there.
+  assert float(dw[1, 1, 0, 0]) == 36.0
