@@ -8,7 +8,7 @@ The mapping is structural: a flax variable at module path ``a/b/c`` with leaf
 |---|---|---|
 | ``nn.Conv`` | ``weight [O,I/g,kh,kw]``, ``bias`` | ``weight.transpose(2,3,1,0)`` (HWIO) |
 | ``nn.ConvTranspose`` | ``weight [I,O,kh,kw]``, ``bias`` | ``transpose(2,3,0,1)`` flipped in space (``transpose_kernel=False``) or ``transpose(2,3,1,0)`` (``True``) |
-| ``layers.NonOverlappingConvTranspose`` | ``weight [I,O,s,s]``, ``bias`` | ``transpose(2,3,0,1)`` |
+| ``layers.NonOverlappingConvTranspose`` | ``weight [I,O,s,s]``, ``bias`` | ``transpose(2,3,0,1)`` (``transpose(2,3,1,0)`` with ``transpose_kernel``) |
 | ``layers.BilinearConvTranspose`` | ``weight [I,O/g,kh,kw]`` | per group like ConvTranspose; when frozen (``trainable=False``) the entry must equal the bilinear filter and is only checked |
 | ``nn.Dense`` | ``weight [out,in]``, ``bias`` | ``weight.T`` |
 | ``nn.BatchNorm`` | ``weight, bias, running_mean, running_var`` | ``scale, bias`` and ``batch_stats`` ``mean, var``; ``num_batches_tracked`` dropped |
@@ -85,7 +85,9 @@ def _convert(module, leaf: str, w: np.ndarray) -> np.ndarray:
       return w.transpose(2, 3, 1, 0)
     return w.transpose(2, 3, 0, 1)[::-1, ::-1]
   if isinstance(module, layers.NonOverlappingConvTranspose):
-    return w.transpose(2, 3, 0, 1) if w.ndim == 4 else w
+    if w.ndim != 4:
+      return w
+    return w.transpose(2, 3, 1, 0) if module.transpose_kernel else w.transpose(2, 3, 0, 1)
   if isinstance(module, layers.BilinearConvTranspose):
     if w.ndim != 4:
       return w

@@ -1,4 +1,5 @@
 """Shared layers against torch and brute-force references."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +210,16 @@ def test_non_overlapping_conv_transpose_matches_torch(stride):
   with torch.no_grad():
     ref = tu.nhwc(tlayer(torch.tensor(tu.nchw(x))))
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_overlapping_conv_transpose_in_flax_transposed_layout_equals_nn_conv_transpose():
+  """``transpose_kernel=True``: the parameter (shape, init) and outputs of
+  ``nn.ConvTranspose(transpose_kernel=True, padding=1)``, which Mask R-CNN's checkpoints hold."""
+  x = jnp.asarray(np.random.RandomState(1).randn(2, 5, 6, 4), jnp.float32)
+  ref = nn.ConvTranspose(3, (2, 2), (2, 2), padding=[(1, 1), (1, 1)], transpose_kernel=True)
+  ours = layers.NonOverlappingConvTranspose(3, 2, transpose_kernel=True)
+  v = ref.init(tu.key(), x)
+  assert jax.tree.map(jnp.shape, ours.init(tu.key(), x)) == jax.tree.map(jnp.shape, v)
+  v = jax.tree.map(lambda a: a + jnp.arange(a.size, dtype=a.dtype).reshape(a.shape) / 7, v)
+  np.testing.assert_allclose(np.asarray(ours.apply(v, x)), np.asarray(ref.apply(v, x)),
+                             atol=1e-5, rtol=1e-5)
