@@ -69,6 +69,7 @@ def test_gradient_plan_is_cpu_only_and_follows_the_measured_rule():
       False, False)
   assert conv_ops.gradient_plan((2, 16, 16, 64), (1, 1, 64, 256), (1, 1), (1, 1), "cpu") == (
       True, True)
+  assert conv_ops.gradient_plan((256, 28, 28, 256), (1, 1, 256, 91), (1, 1), (1, 1), "cpu")[0]
 
 
 def test_layers_conv_equals_flax_conv_with_the_same_parameters():
