@@ -44,6 +44,7 @@ SHAPES = [  # (N, H, W, C_in, C_out, k, stride, dilation)
     (2, 32, 32, 3, 64, 7, 2, 1),      # ResNet stem
     (2, 16, 16, 128, 128, 3, 2, 1),   # strided 3x3
     (256, 28, 28, 256, 91, 1, 1, 1),  # Mask R-CNN mask_fcn_logits
+    (64, 14, 14, 256, 256, 3, 1, 1),  # Mask R-CNN mask head, 32 RoIs x 2 images
 ]
 DN = ("NHWC", "HWIO", "NHWC")
 ROUTES = {"xla": None, "dw": (True, False), "dx": (False, True), "both": (True, True)}

@@ -1,8 +1,8 @@
 """Convolution with backend-aware gradients: ``conv_general_dilated``.
 
-Same signature and forward result as ``jax.lax.conv_general_dilated``. On CPU, for the shapes
-where XLA's own gradient is slow (``gradient_plan``), the backward pass is computed another
-way inside a ``jax.custom_vjp``:
+Same signature and forward result as ``jax.lax.conv_general_dilated``. On CPU, 1x1 kernels
+run as matmuls (forward and backward), and for the shapes where XLA's own gradient is slow
+(``gradient_plan``) the backward pass is computed another way inside a ``jax.custom_vjp``:
 
 * weight gradient as one matrix product per kernel tap,
   ``dW[a, b] = X[a, b]^T dY`` with ``X[a, b]`` the input view the tap sees ([N*Ho*Wo, C_in])
@@ -29,7 +29,7 @@ def _is_plain_nhwc(lhs, rhs, window_strides, padding, lhs_dilation, dimension_nu
   """Whether the call is a 2-D NHWC/HWIO convolution the custom gradient handles."""
   if lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1:
     return False
-  if isinstance(padding, str) or lhs_dilation not in (None, (1, 1)):
+  if lhs_dilation not in (None, (1, 1)) and tuple(lhs_dilation) != (1, 1):
     return False
   dn = dimension_numbers
   if isinstance(dn, lax.ConvDimensionNumbers):
@@ -41,22 +41,36 @@ def gradient_plan(x_shape, w_shape, strides, rhs_dilation, backend=None):
   """``(custom weight gradient, custom input gradient)`` for an NHWC conv on ``backend``.
 
   Read off ``bench/conv_grad.py`` on the 2-core CPU (README): the flipped-kernel input
-  gradient beat XLA's for every stride-1 shape measured (0.55-0.95x its time: UNet/VGG maps
-  at 128 px as much as dilated ResNet layers); the per-tap weight gradient wins for 1x1
-  kernels (a single matmul) and on maps of at most 16x16 positions with 256+ input channels
-  (deep ResNet/ASPP/RefineNet layers) and loses on larger maps with few channels, which keep
-  XLA's.
+  gradient beat or matched XLA's for the stride-1 shapes measured (0.55-0.95x its time:
+  UNet/VGG maps at 128 px as much as dilated ResNet layers); the per-tap weight gradient wins
+  when the batch holds at most 1024 positions (its matmuls contract over N*H*W) with 256+
+  input channels (deep ResNet/ASPP/RefineNet layers at the benchmark's sizes, 0.4-0.9x) and
+  loses or ties beyond, where XLA's is kept. 1x1 kernels never get here
+  (``conv_general_dilated`` runs them as matmuls).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return False, False
-  _, h, w, cin = x_shape
-  kh, kw, _, _ = w_shape
-  # A 1x1 kernel's weight gradient is one matmul; XLA ran it as a convolution whose window is
-  # the whole map (Mask R-CNN's mask_fcn_logits, 28x28: 1.5 s of a 20 s step).
-  custom_dw = kh == kw == 1 or (h * w <= 256 and cin >= 256)
+  n, h, w, cin = x_shape
+  custom_dw = n * h * w <= 1024 and cin >= 256
   custom_dx = tuple(strides) == (1, 1)
   return custom_dw, custom_dx
+
+
+def _pointwise(x, w, strides, padding, precision):
+  """A 1x1 convolution as a matmul over the (strided) positions; autodiff gives matmuls too.
+
+  XLA:CPU ran 1x1 convolutions' forward and backward 1.3-5.5x slower than this (Mask R-CNN's
+  mask_fcn_logits on 256 RoIs at 28x28: 1.42 s vs 0.26 s forward + backward).
+  """
+  if any(p for pair in padding for p in pair):
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  if tuple(strides) != (1, 1):
+    x = x[:, ::strides[0], ::strides[1]]
+  n, h, wd, cin = x.shape
+  y = lax.dot_general(x.reshape(-1, cin), w.reshape(cin, -1), (((1,), (0,)), ((), ())),
+                      precision=precision)
+  return y.reshape(n, h, wd, -1)
 
 
 def _taps(xp, out_hw, kernel_hw, strides, dilation):
@@ -136,8 +150,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """``jax.lax.conv_general_dilated`` with the gradient of ``gradient_plan``.
 
   Drop-in for ``nn.Conv(conv_general_dilated=...)`` (``jaxseg.models.layers.Conv``). Calls the
-  custom-gradient route handles (2-D NHWC/HWIO, explicit padding, no input dilation or
-  groups, default output type) only where ``gradient_plan`` says it is faster; every other
+  custom-gradient route handles (2-D NHWC/HWIO, no input dilation or groups, default output
+  type) only where ``gradient_plan`` says it is faster; every other
   call is ``lax.conv_general_dilated`` itself.
   """
   strides = tuple(window_strides)
@@ -145,9 +159,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if preferred_element_type is None and _is_plain_nhwc(
       lhs, rhs, strides, padding, lhs_dilation, dimension_numbers, feature_group_count,
       batch_group_count):
+    if isinstance(padding, str):  # nn.Conv's default "SAME" (1x1 heads), "VALID"
+      window = [d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:2])]
+      padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
+    pads = tuple(tuple(int(v) for v in p) for p in padding)
+    if rhs.shape[:2] == (1, 1) and jax.default_backend() == "cpu":
+      return _pointwise(lhs, rhs, strides, pads, precision)
     custom_dw, custom_dx = gradient_plan(lhs.shape, rhs.shape, strides, dilation)
     if custom_dw or custom_dx:
-      pads = tuple(tuple(int(v) for v in p) for p in padding)
       return _conv(lhs, rhs, strides, pads, dilation, precision, custom_dw, custom_dx)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,

@@ -62,14 +62,37 @@ def test_gradient_plan_is_cpu_only_and_follows_the_measured_rule():
       False, False)
   assert conv_ops.gradient_plan((2, 8, 8, 512), (3, 3, 512, 512), (1, 1), (2, 2), "cpu") == (
       True, True)
-  # Large maps with few channels keep XLA's weight gradient; strided convs its input gradient.
+  # Large batches of positions keep XLA's weight gradient; strided convs its input gradient.
   assert conv_ops.gradient_plan((4, 128, 128, 32), (3, 3, 32, 32), (1, 1), (1, 1), "cpu") == (
       False, True)
-  assert conv_ops.gradient_plan((2, 16, 16, 64), (3, 3, 64, 64), (2, 2), (1, 1), "cpu") == (
-      False, False)
-  assert conv_ops.gradient_plan((2, 16, 16, 64), (1, 1, 64, 256), (1, 1), (1, 1), "cpu") == (
-      True, True)
-  assert conv_ops.gradient_plan((256, 28, 28, 256), (1, 1, 256, 91), (1, 1), (1, 1), "cpu")[0]
+  assert conv_ops.gradient_plan((64, 14, 14, 256), (3, 3, 256, 256), (1, 1), (1, 1), "cpu") == (
+      False, True)
+  assert conv_ops.gradient_plan((2, 16, 16, 256), (3, 3, 256, 64), (2, 2), (1, 1), "cpu") == (
+      True, False)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (1, 1), (2, "SAME"), (1, "VALID")])
+def test_pointwise_convolutions_are_matmuls_equal_to_torch(stride, padding):
+  rng = np.random.RandomState(stride)
+  x = rng.randn(2, 7, 6, 5).astype(np.float32)
+  w = rng.randn(1, 1, 5, 4).astype(np.float32)
+  pads = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+  torch_pad = 0 if isinstance(padding, str) else padding
+
+  def f(x, w):
+    return conv_ops.conv_general_dilated(x, w, (stride, stride), pads,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+  g = rng.randn(*y.shape).astype(np.float32)
+  dx, dw = vjp(jnp.asarray(g))
+  ty, tdx, tdw = torch_grads(x, w, g, stride, 1, torch_pad)
+  np.testing.assert_allclose(np.asarray(y), ty, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), tdx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), tdw, rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(jax.grad(
+        lambda x, w: f(x, w).sum(), (0, 1)))(x, w))
 
 
 def test_layers_conv_equals_flax_conv_with_the_same_parameters():
@@ -99,3 +122,26 @@ def test_bfloat16_gradients_keep_their_dtypes():
   assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
   # Centre taps see all 36 positions (padding 2, dilation 2 on a 6x6 map): dW = 16 there.
   assert float(dw[1, 1, 0, 0]) == 36.0
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_string_padding_takes_the_custom_gradient_and_matches_xla(padding):
+  """``nn.Conv``'s default padding is the string "SAME" (every 1x1 head): it must reach the
+  custom route (a 1x1 weight gradient is one matmul) and give XLA's results."""
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, 7, 6, 5), jnp.float32)
+  w = jnp.asarray(rng.randn(3, 3, 5, 4), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def ours(x, w):
+    return jnp.sum(jnp.sin(conv_ops.conv_general_dilated(
+        x, w, (1, 1), padding, rhs_dilation=(2, 2), dimension_numbers=dn)))
+
+  def ref(x, w):
+    return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+        x, w, (1, 1), padding, rhs_dilation=(2, 2), dimension_numbers=dn)))
+
+  for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  jaxpr = str(jax.make_jaxpr(jax.grad(ours, 1))(x, w))
+  assert "custom_vjp_call" in jaxpr
