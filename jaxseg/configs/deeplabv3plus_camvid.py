@@ -29,7 +29,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 8
 
   config.model = "deeplabv3plus"
-  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16)
+  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = "mobilenet_v2"
   config.loss = "cross_entropy"
   config.loss_kwargs = dict(class_weights="median_frequency")
@@ -60,7 +63,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   elif arg == "smoke":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(48, 64))
     config.crop_size = (48, 64)
-    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25)
+    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25,
+                               remat=False)
     config.pretrained = ""
     config.batch_size = 4
     config.eval_batch_size = 16

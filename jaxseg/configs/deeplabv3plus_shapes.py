@@ -29,7 +29,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 50
 
   config.model = "deeplabv3plus"
-  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16)
+  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = "mobilenet_v2"
   config.loss = "cross_entropy"
   config.loss_kwargs = ml_collections.ConfigDict()
@@ -48,7 +51,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   if arg == "smoke":
     config.builder_kwargs = dict(num_train=64, num_validation=32)
-    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25)
+    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25,
+                               remat=False)
     config.pretrained = ""
     config.batch_size = 8
     config.eval_batch_size = 16

@@ -48,7 +48,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 1
 
   config.model = "deeplabv3plus"
-  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16)
+  config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = "mobilenet_v2"
   config.loss = "scribble_loss"
   config.loss_kwargs = dict(kernel="dense", sigma_rgb=15.0, sigma_xy=100.0, scale=0.5)
@@ -68,7 +71,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("voc2012"), scribble_width=3)
     config.crop_size = (32, 32)
-    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25)
+    config.model_kwargs = dict(backbone="mobilenet_v2", output_stride=16, width_multiplier=0.25,
+                               remat=False)
     config.pretrained = ""
     config.batch_size = 2
     config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant")

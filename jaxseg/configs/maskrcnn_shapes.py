@@ -35,7 +35,11 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
       rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
       rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-      box_batch_size_per_image=128, box_detections_per_img=20, box_candidates=400)
+      box_batch_size_per_image=128, box_detections_per_img=20, box_candidates=400,
+      remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = ""
   config.loss = "maskrcnn_loss"
   config.loss_kwargs = ml_collections.ConfigDict()

@@ -30,7 +30,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 8
 
   config.model = "pspnet"
-  config.model_kwargs = dict(backbone="resnet50", output_stride=8, deep_stem=True)
+  config.model_kwargs = dict(backbone="resnet50", output_stride=8, deep_stem=True, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = ""
   config.loss = "cross_entropy"
   config.loss_kwargs = dict(class_weights="median_frequency")
@@ -51,7 +54,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(120, 160))
     config.crop_size = (120, 160)
     config.augment = dict(scale_range=(0.8, 1.25), hflip=True)
-    config.model_kwargs = dict(backbone="resnet18", output_stride=8, deep_stem=True)
+    config.model_kwargs = dict(backbone="resnet18", output_stride=8, deep_stem=True, remat=False)
     config.eval_batch_size = 16
     config.optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
                             schedule="cosine", warmup_steps=50)
@@ -62,7 +65,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   elif arg == "smoke":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("camvid"), image_size=(48, 64))
     config.crop_size = (48, 64)
-    config.model_kwargs = dict(backbone="resnet18", output_stride=8, width_multiplier=0.125)
+    config.model_kwargs = dict(backbone="resnet18", output_stride=8, width_multiplier=0.125,
+                               remat=False)
     config.batch_size = 4
     config.eval_batch_size = 16
     config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant")

@@ -46,7 +46,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 8
 
   config.model = "pspnet"
-  config.model_kwargs = dict(backbone="resnet101", output_stride=8, deep_stem=True)
+  config.model_kwargs = dict(backbone="resnet101", output_stride=8, deep_stem=True, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.pretrained = ""
   config.loss = "cross_entropy"
   config.loss_kwargs = dict()
@@ -69,7 +72,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("cityscapes"))
     config.crop_size = (48, 64)
-    config.model_kwargs = dict(backbone="resnet18", output_stride=8, width_multiplier=0.125)
+    config.model_kwargs = dict(backbone="resnet18", output_stride=8, width_multiplier=0.125,
+                               remat=False)
     config.batch_size = 2
     config.eval_batch_size = 1
     config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant")

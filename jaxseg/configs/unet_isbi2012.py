@@ -30,7 +30,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 1
 
   config.model = "unet"
-  config.model_kwargs = dict(features=64, depth=4)
+  config.model_kwargs = dict(features=64, depth=4, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
   config.loss = "cross_entropy"
   config.loss_kwargs = ml_collections.ConfigDict()
   config.aux_weight = 0.0
@@ -49,7 +52,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   if arg == "cpu":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("isbi2012"), image_size=(256, 256))
     config.crop_size = (128, 128)
-    config.model_kwargs = dict(features=16, depth=4)
+    config.model_kwargs = dict(features=16, depth=4, remat=False)
     config.batch_size = 8
     config.eval_batch_size = 5
     config.optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4,
@@ -61,7 +64,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   elif arg == "smoke":
     config.builder_kwargs = dict(manual_dir=shared_data_dir("isbi2012"), image_size=(64, 64))
     config.crop_size = (64, 64)
-    config.model_kwargs = dict(features=4, depth=2)
+    config.model_kwargs = dict(features=4, depth=2, remat=False)
     config.eval_batch_size = 5
     config.optimizer = dict(name="adamw", learning_rate=3e-3, schedule="constant")
     config.num_steps = 10

@@ -24,7 +24,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 50
 
   config.model = "unet"
-  config.model_kwargs = dict(features=16, depth=3)
+  config.model_kwargs = dict(features=16, depth=3, remat=False)
+  # "bfloat16": mixed precision (params, BatchNorm statistics and loss stay float32);
+  # model_kwargs.remat=True: jax.checkpoint per block (less activation memory, ~1 more forward).
+  config.dtype = "float32"
 
   config.loss = "cross_entropy"
   config.loss_kwargs = ml_collections.ConfigDict()
@@ -44,7 +47,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   if arg == "smoke":
     config.builder_kwargs = dict(num_train=64, num_validation=32)
-    config.model_kwargs = dict(features=8, depth=2)
+    config.model_kwargs = dict(features=8, depth=2, remat=False)
     config.batch_size = 8
     config.eval_batch_size = 16
     config.num_steps = 30

@@ -25,7 +25,7 @@ from jaxseg.models import layers
 from jaxseg.models.backbones import vgg
 from jaxseg.models.heads import ASPPSumHead, DeepLabHead, DeepLabV3PlusHead, FCNHead
 from jaxseg.models.registry import register
-from jaxseg.models.segmentation import SegmentationModel, make_backbone, scaled
+from jaxseg.models.segmentation import SegmentationModel, compute_dtype, make_backbone, scaled
 
 DEEPLAB_VGG_POOLS = ((3, 2, 1),) * 3 + ((3, 1, 1),) * 2
 OUTPUT_STRIDE = 8
@@ -84,6 +84,7 @@ class DeepLabVGG(nn.Module):
     fc_features: channels of fc6/fc7 (1024).
     dropout: rate after fc6 and fc7 (rng stream "dropout").
     mean, std, dtype: input normalisation and computation dtype.
+    remat: recompute each VGG stage in the backward pass (``vgg.VGG16``).
   """
   num_classes: int
   rates: Sequence[int] = (12,)
@@ -94,6 +95,7 @@ class DeepLabVGG(nn.Module):
   mean: Sequence[float] = layers.IMAGENET_MEAN
   std: Sequence[float] = layers.IMAGENET_STD
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -104,7 +106,8 @@ class DeepLabVGG(nn.Module):
     _, h, w, _ = images.shape
     x = layers.normalize(images, self.mean, self.std, self.dtype)
     feats = vgg.VGG16(widths=self.widths, conv5_dilation=2, pools=DEEPLAB_VGG_POOLS,
-                      ceil_mode=True, dtype=self.dtype, name="backbone")(x, train=train)
+                      ceil_mode=True, dtype=self.dtype, remat=self.remat,
+                      name="backbone")(x, train=train)
     x = feats["pool5"]
     if self.pool5a:
       x = nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
@@ -148,8 +151,9 @@ def deeplabv2(*, num_classes: int, backbone: str = "vgg16", width_multiplier: fl
     bb = make_backbone("deeplabv2", backbone, ("vgg16", "resnet50", "resnet101"),
                        output_stride=8, dilate_first_block=True,
                        width_multiplier=width_multiplier, **kwargs)
-    return SegmentationModel(backbone=bb, classifier=ASPPSumHead(num_classes, rates=rates),
-                             align_corners=True)
+    return SegmentationModel(backbone=bb, align_corners=True,
+                             classifier=ASPPSumHead(num_classes, rates=rates,
+                                                    dtype=compute_dtype(kwargs)))
   if backbone != "vgg16":
     raise ValueError(f"deeplabv2: backbone {backbone!r} is not supported; supported: vgg16, "
                      "resnet50, resnet101")
@@ -173,10 +177,12 @@ def _torchvision_deeplabv3(depth):
     backbone = make_backbone(f"deeplabv3_resnet{depth}", backbone, (f"resnet{depth}",),
                              output_stride=output_stride, supported_strides=(8,),
                              width_multiplier=width_multiplier, **kwargs)
+    dtype = compute_dtype(kwargs)
     head = DeepLabHead(num_classes, rates=(12, 24, 36), features=scaled(256, width_multiplier),
-                       pool_first=False, dropout=0.5, extra_conv=True)
-    return SegmentationModel(backbone=backbone, classifier=head,
-                             aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+                       pool_first=False, dropout=0.5, extra_conv=True, dtype=dtype)
+    return SegmentationModel(
+        backbone=backbone, classifier=head,
+        aux_classifier=FCNHead(num_classes, in_key="c4", dtype=dtype) if aux else None)
   builder.__name__ = f"deeplabv3_resnet{depth}"
   builder.__doc__ = (
       f"torchvision ``deeplabv3_resnet{depth}``: ResNet-{depth} at output stride 8, "
@@ -205,10 +211,13 @@ def deeplabv3(*, num_classes: int, backbone: str = "resnet101", output_stride: i
     kwargs["multi_grid"] = multi_grid
   bb = make_backbone("deeplabv3", backbone, MODERN_BACKBONES, output_stride=output_stride,
                      supported_strides=(8, 16), width_multiplier=width_multiplier, **kwargs)
+  dtype = compute_dtype(kwargs)
   head = DeepLabHead(num_classes, rates=ASPP_RATES[output_stride],
-                     features=scaled(256, width_multiplier), pool_first=True, dropout=0.1)
-  return SegmentationModel(backbone=bb, classifier=head, align_corners=True,
-                           aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+                     features=scaled(256, width_multiplier), pool_first=True, dropout=0.1,
+                     dtype=dtype)
+  return SegmentationModel(
+      backbone=bb, classifier=head, align_corners=True,
+      aux_classifier=FCNHead(num_classes, in_key="c4", dtype=dtype) if aux else None)
 
 
 @register("deeplabv3plus")
@@ -223,8 +232,10 @@ def deeplabv3plus(*, num_classes: int, backbone: str = "resnet101", output_strid
     kwargs["multi_grid"] = multi_grid
   bb = make_backbone("deeplabv3plus", backbone, MODERN_BACKBONES, output_stride=output_stride,
                      supported_strides=(8, 16), width_multiplier=width_multiplier, **kwargs)
+  dtype = compute_dtype(kwargs)
   head = DeepLabV3PlusHead(num_classes, rates=ASPP_RATES[output_stride],
                            features=scaled(256, width_multiplier),
-                           skip_features=scaled(48, width_multiplier))
-  return SegmentationModel(backbone=bb, classifier=head, align_corners=True,
-                           aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+                           skip_features=scaled(48, width_multiplier), dtype=dtype)
+  return SegmentationModel(
+      backbone=bb, classifier=head, align_corners=True,
+      aux_classifier=FCNHead(num_classes, in_key="c4", dtype=dtype) if aux else None)

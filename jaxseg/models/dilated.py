@@ -112,6 +112,7 @@ class Dilation(nn.Module):
     context_noise: std of the large module's init noise.
     upsampling: "bilinear" or "deconv" (see the module docstring).
     mean, std, dtype: input normalisation and computation dtype.
+    remat: recompute each VGG stage in the backward pass (``vgg.VGG16``).
   """
   num_classes: int
   widths: Sequence[int] = vgg.VGG16_WIDTHS
@@ -124,6 +125,7 @@ class Dilation(nn.Module):
   mean: Sequence[float] = layers.IMAGENET_MEAN
   std: Sequence[float] = layers.IMAGENET_STD
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -141,7 +143,7 @@ class Dilation(nn.Module):
                 mode="reflect")
     feats = vgg.VGG16(widths=self.widths, conv1_padding=0, padded=False, conv5_dilation=2,
                       pools=((2, 2, 0),) * 3 + (None, None), dtype=self.dtype,
-                      name="backbone")(x, train=train)
+                      remat=self.remat, name="backbone")(x, train=train)
     x = feats["pool5"]
     # fc6 as shifted matmuls: XLA:CPU's gradient of this 7x7 conv is several times slower.
     x = layers.MatmulConv(self.fc_features, (7, 7), dilation=4, kernel_init=vgg.he_normal,

@@ -26,7 +26,7 @@ from jaxseg.models import layers
 from jaxseg.models.backbones import vgg
 from jaxseg.models.heads import FCNHead
 from jaxseg.models.registry import register
-from jaxseg.models.segmentation import SegmentationModel, make_backbone
+from jaxseg.models.segmentation import SegmentationModel, compute_dtype, make_backbone
 
 
 class FCN(nn.Module):
@@ -41,6 +41,7 @@ class FCN(nn.Module):
     at_once: scale pool4 by 0.01 and pool3 by 1e-4 (all-at-once training).
     trainable_upsampling: learn the bilinear-initialised transposed convs.
     mean, std, dtype: input normalisation and computation dtype.
+    remat: recompute each VGG stage in the backward pass (``vgg.VGG16``).
   """
   num_classes: int
   output_stride: int = 8
@@ -52,6 +53,7 @@ class FCN(nn.Module):
   mean: Sequence[float] = layers.IMAGENET_MEAN
   std: Sequence[float] = layers.IMAGENET_STD
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def _score(self, x, name):
     return layers.Conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros,
@@ -70,7 +72,7 @@ class FCN(nn.Module):
     _, h, w, _ = images.shape
     x = layers.normalize(images, self.mean, self.std, self.dtype)
     feats = vgg.VGG16(widths=self.widths, conv1_padding=100, ceil_mode=True,
-                      dtype=self.dtype, name="backbone")(x, train=train)
+                      dtype=self.dtype, remat=self.remat, name="backbone")(x, train=train)
     x = feats["pool5"]
     # fc6 as shifted matmuls: XLA:CPU's gradient of a 7x7 conv on a small map is very slow.
     x = layers.MatmulConv(self.fc_features, (7, 7), kernel_init=vgg.he_normal, dtype=self.dtype,
@@ -132,10 +134,11 @@ def _torchvision_fcn(depth):
     backbone = make_backbone(f"fcn_resnet{depth}", backbone, (f"resnet{depth}",),
                              output_stride=output_stride, supported_strides=(8,),
                              width_multiplier=width_multiplier, **kwargs)
+    dtype = compute_dtype(kwargs)
     return SegmentationModel(
         backbone=backbone,
-        classifier=FCNHead(num_classes, in_key="c5"),
-        aux_classifier=FCNHead(num_classes, in_key="c4") if aux else None)
+        classifier=FCNHead(num_classes, in_key="c5", dtype=dtype),
+        aux_classifier=FCNHead(num_classes, in_key="c4", dtype=dtype) if aux else None)
   builder.__name__ = f"fcn_resnet{depth}"
   builder.__doc__ = (
       f"torchvision ``fcn_resnet{depth}``: ResNet-{depth} at output stride 8 (layer3/4 "

@@ -87,7 +87,9 @@ class MaskRCNN(nn.Module):
     sampler: ``(labels [K] int32, key, num_samples, positive_fraction) -> (pos, neg)`` bool
       [K] masks; labels >= 1 positive, 0 negative, -1 ignored. Used by the RPN and RoI heads
       (inject a deterministic one for parity tests).
-    dtype: computation dtype of the networks (outputs are float32).
+    dtype: computation dtype of the networks (parameters and outputs are float32).
+    remat: recompute each ResNet block of the backbone in the backward pass
+      (``jax.checkpoint``) instead of storing its activations; same parameters and results.
 
   Call: ``model.apply(variables, images, train=False)`` or, in training,
   ``model.apply(variables, images, train=True, targets=batch, rngs={"sampling": key})``
@@ -124,6 +126,7 @@ class MaskRCNN(nn.Module):
   mask_supervision: str = "masks"
   sampler: Callable = ops.balanced_sample
   dtype: Any = jnp.float32
+  remat: bool = False
 
   # The library's train step passes ``targets=batch`` to such models in training.
   takes_targets = True
@@ -132,7 +135,7 @@ class MaskRCNN(nn.Module):
     self._check_config()
     num_anchors = len(self.anchor_sizes[0]) * len(self.aspect_ratios[0])
     self.backbone = ResNetFPN(self.backbone_name, self.width_multiplier, self.frozen_bn_eps,
-                              self.fpn_channels, self.dtype)
+                              self.fpn_channels, self.dtype, self.remat)
     self.rpn = RPNHead(num_anchors, self.dtype)
     self.box_head = TwoMLPHead(self.representation_size, self.dtype)
     self.box_predictor = FastRCNNPredictor(self.num_classes, self.dtype)
@@ -246,6 +249,36 @@ class MaskRCNN(nn.Module):
     feats = feats.reshape((n * k,) + feats.shape[2:])
     logits = self.mask_predictor(self.mask_head(feats))
     return logits.reshape((n, k) + logits.shape[1:])
+
+  def _positive_mask_branch(self, fpn, boxes, valid, image_size):
+    """``_mask_branch`` of the leading slots that hold every image's positives.
+
+    torchvision runs the mask head on the positives alone (about 25 per image early in
+    training, at most P); a static P-slot branch did up to 5x its work. The slots are cut to
+    the first bucket of P/4, P/2 or P that holds the largest image's positives (``valid``
+    slots come first), so the result equals the full branch on every valid slot; the others
+    are zero (the loss ignores them).
+
+    Args:
+      boxes: [N,P,4] mask RoIs, positives first; valid: bool [N,P].
+    Returns:
+      mask logits [N,P,28,28,num_classes].
+    """
+    p = boxes.shape[1]
+    caps = sorted({max(1, p // 4), max(1, p // 2), p})
+    count = jnp.max(jnp.sum(valid, axis=1))
+    index = jnp.searchsorted(jnp.asarray(caps), count)  # the first cap >= count
+
+    def branch(cap):
+      # Rematerialised: a switch's backward keeps the residuals of every branch (zero-filled
+      # for those not taken), which cost more than recomputing the taken branch's forward.
+      @nn.checkpoint
+      def run(module, fpn, boxes):
+        logits = module._mask_branch(fpn, boxes[:, :cap], image_size)
+        return jnp.pad(logits, ((0, 0), (0, p - cap), (0, 0), (0, 0), (0, 0)))
+      return run
+
+    return nn.switch(index, [branch(c) for c in caps], self, fpn, boxes)
 
   def _proposals(self, fpn, logits, deltas, image_size, train: bool):
     anchors = self._anchors(fpn, image_size)
@@ -378,7 +411,7 @@ class MaskRCNN(nn.Module):
 
     mask_boxes, mask_classes, mask_matched = (take(x) for x in (rois.boxes, rois.labels,
                                                                 rois.matched))
-    mask_logits = self._mask_branch(fpn, mask_boxes, image_size)
+    mask_logits = self._positive_mask_branch(fpn, mask_boxes, mask_valid, image_size)
     mask_logits = jnp.take_along_axis(mask_logits, mask_classes[:, :, None, None, None],
                                       axis=4)[..., 0]
     out = {

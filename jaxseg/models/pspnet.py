@@ -10,7 +10,7 @@ original code prefers sizes with (H - 1) % 8 == 0 (473, 713), any size >= 1 work
 """
 from jaxseg.models.heads import FCNHead, PSPHead
 from jaxseg.models.registry import register
-from jaxseg.models.segmentation import SegmentationModel, make_backbone, scaled
+from jaxseg.models.segmentation import SegmentationModel, compute_dtype, make_backbone, scaled
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -23,10 +23,11 @@ def pspnet(*, num_classes: int, backbone: str = "resnet50", output_stride: int =
   bb = make_backbone("pspnet", backbone, BACKBONES, output_stride=output_stride,
                      supported_strides=(8, 16), deep_stem=deep_stem, dilate_first_block=True,
                      width_multiplier=width_multiplier, **kwargs)
-  head = PSPHead(num_classes, features=scaled(512, width_multiplier))
+  dtype = compute_dtype(kwargs)
+  head = PSPHead(num_classes, features=scaled(512, width_multiplier), dtype=dtype)
   aux_head = None
   if aux:
     aux_head = FCNHead(num_classes, in_key="c4", channels=scaled(256, width_multiplier),
-                       channel_dropout=True)
+                       channel_dropout=True, dtype=dtype)
   return SegmentationModel(backbone=bb, classifier=head, aux_classifier=aux_head,
                            align_corners=True)

@@ -8,7 +8,7 @@ Any input size >= 1 works (each fusion upsamples to the finer path's size).
 """
 from jaxseg.models.heads import RefineNetHead
 from jaxseg.models.registry import register
-from jaxseg.models.segmentation import SegmentationModel, make_backbone, scaled
+from jaxseg.models.segmentation import SegmentationModel, compute_dtype, make_backbone, scaled
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -17,8 +17,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 def refinenet(*, num_classes: int, backbone: str = "resnet101", width_multiplier: float = 1.0,
               crp_stages: int = 4, output_rcus: int = 3, **kwargs) -> SegmentationModel:
   """RefineNet-4 cascade (as released: 4 CRP stages, 3 output RCUs) on a ResNet."""
-  bb = make_backbone("refinenet", backbone, BACKBONES, output_stride=kwargs.pop("output_stride", 32),
-                     supported_strides=(32,), width_multiplier=width_multiplier, **kwargs)
+  bb = make_backbone("refinenet", backbone, BACKBONES,
+                     output_stride=kwargs.pop("output_stride", 32), supported_strides=(32,),
+                     width_multiplier=width_multiplier, **kwargs)
   head = RefineNetHead(num_classes, features=scaled(256, width_multiplier),
-                       crp_stages=crp_stages, output_rcus=output_rcus)
+                       crp_stages=crp_stages, output_rcus=output_rcus,
+                       dtype=compute_dtype(kwargs))
   return SegmentationModel(backbone=bb, classifier=head, align_corners=True)

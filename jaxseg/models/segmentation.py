@@ -7,8 +7,13 @@ logits, and the logits are resized bilinearly to the input size. An auxiliary he
 trainer does in training) and its input-size logits are sown there as ``aux_logits``.
 The attribute names are torchvision's (``backbone``, ``classifier``,
 ``aux_classifier``), so torchvision segmentation state dicts convert structurally.
+
+Mixed precision: the builders give the backbone and every head the same ``dtype``
+(:func:`compute_dtype` reads it from the builder's keyword arguments). The head logits are
+cast to float32 *before* the final bilinear resize, so the full-resolution interpolation and
+everything the loss sees are float32 whatever the computation dtype.
 """
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -42,11 +47,22 @@ class SegmentationModel(nn.Module):
     # Initialisation always builds the aux head so its parameters exist for training.
     wanted = self.is_initializing() or self.is_mutable_collection("intermediates")
     if self.aux_classifier is not None and wanted:
-      aux = self.aux_classifier(feats, train=train)
+      aux = self.aux_classifier(feats, train=train).astype(jnp.float32)
       aux = layers.resize_bilinear(aux, size, align_corners=self.align_corners)
-      self.sow("intermediates", "aux_logits", aux.astype(jnp.float32))
-    logits = layers.resize_bilinear(logits, size, align_corners=self.align_corners)
-    return logits.astype(jnp.float32)
+      self.sow("intermediates", "aux_logits", aux)
+    # float32 before the resize: interpolating bfloat16 logits would round them at full
+    # resolution, and the output is float32 anyway.
+    logits = logits.astype(jnp.float32)
+    return layers.resize_bilinear(logits, size, align_corners=self.align_corners)
+
+
+def compute_dtype(kwargs) -> Any:
+  """The computation dtype a builder was given (``kwargs["dtype"]``, float32 by default).
+
+  ``jaxseg.models.build`` has already resolved a string to the jnp type; the key stays in
+  ``kwargs`` so that it also reaches the backbone.
+  """
+  return kwargs.get("dtype", jnp.float32)
 
 
 def make_backbone(model: str, backbone: str, supported: Sequence[str], *,

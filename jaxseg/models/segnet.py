@@ -26,12 +26,14 @@ class SegNet(nn.Module):
     num_classes: output channels.
     widths: VGG16 stage widths (``vgg16_widths(m)`` for thin variants).
     mean, std, dtype: input normalisation and computation dtype.
+    remat: recompute each encoder stage in the backward pass (``vgg.VGG16``).
   """
   num_classes: int
   widths: Sequence[int] = vgg.VGG16_WIDTHS
   mean: Sequence[float] = layers.IMAGENET_MEAN
   std: Sequence[float] = layers.IMAGENET_STD
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def _decoder_widths(self):
     w1, w2, w3, w4, w5 = self.widths
@@ -43,7 +45,7 @@ class SegNet(nn.Module):
     layers.check_images(images, "segnet")
     x = layers.normalize(images, self.mean, self.std, self.dtype)
     feats = vgg.VGG16(widths=self.widths, norm="batch", norm_bias_init=0.001, pool_type="argmax",
-                      dtype=self.dtype, name="backbone")(x, train=train)
+                      dtype=self.dtype, remat=self.remat, name="backbone")(x, train=train)
     x = feats["pool5"]
     for stage in range(5, 0, -1):
       x = layers.max_unpool(x, feats[f"indices{stage}"], feats[f"conv{stage}"].shape[1:3])

@@ -28,6 +28,12 @@ convolution) or bilinear x2 resizing followed by a 1x1 conv halving the channels
 (``"bilinear"``); both double the size exactly, so the size rules above hold for
 both. Convs use He-normal init, N(0, sqrt(2 / (k*k*C_in))), as in
 the paper.
+
+``remat=True`` puts every ``ConvBlock`` (the two 3x3 conv-norm-ReLU layers of a level)
+under ``flax.linen.remat`` (``jax.checkpoint``, default policy: only the block's input is
+stored, its inner activations are recomputed in the backward pass), for large inputs;
+parameters and results are those of ``remat=False``. ``dtype=jnp.bfloat16`` computes in
+bfloat16 with float32 parameters, BatchNorm statistics and logits.
 """
 import functools
 from typing import Any, Optional, Sequence
@@ -85,14 +91,17 @@ def _check_valid_size(size: int, depth: int, axis: str):
 
 
 class ConvBlock(nn.Module):
-  """Two (3x3 conv -> [norm] -> ReLU) layers."""
+  """Two (3x3 conv -> [norm] -> ReLU) layers.
+
+  ``train`` may be positional so that ``RematConvBlock`` can hold it static.
+  """
   features: int
   padding: str = "same"
   norm: Optional[str] = "batch"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     pad = [(1, 1), (1, 1)] if self.padding == "same" else [(0, 0), (0, 0)]
     for i in range(2):
       x = layers.Conv(self.features, (3, 3), padding=pad, use_bias=self.norm is None,
@@ -101,6 +110,10 @@ class ConvBlock(nn.Module):
         x = layers.batch_norm(use_running_average=not train, dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
     return x
+
+
+# ``train`` (argument 2, counting ``self``) is a Python bool the block branches on.
+RematConvBlock = nn.remat(ConvBlock, static_argnums=(2,))
 
 
 class UNet(nn.Module):
@@ -116,6 +129,7 @@ class UNet(nn.Module):
     dropout: dropout rate at the end of the contracting path (rng stream "dropout").
     mean, std: per-channel normalisation of the [0,1] RGB input.
     dtype: computation dtype; logits are returned as float32.
+    remat: recompute each ``ConvBlock`` in the backward pass (see the module docstring).
   """
   num_classes: int
   depth: int = 4
@@ -127,6 +141,7 @@ class UNet(nn.Module):
   mean: Sequence[float] = layers.IMAGENET_MEAN
   std: Sequence[float] = layers.IMAGENET_STD
   dtype: Any = jnp.float32
+  remat: bool = False
 
   def _check_config(self):
     if self.padding not in ("same", "valid"):
@@ -159,13 +174,14 @@ class UNet(nn.Module):
       ph, pw = -h % step, -w % step
       x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
 
-    block = functools.partial(ConvBlock, padding=self.padding, norm=self.norm, dtype=self.dtype)
+    block = functools.partial(RematConvBlock if self.remat else ConvBlock, padding=self.padding,
+                              norm=self.norm, dtype=self.dtype)
     skips = []
     for level in range(self.depth):
-      x = block(self.features * 2**level, name=f"down{level}")(x, train=train)
+      x = block(self.features * 2**level, name=f"down{level}")(x, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), (2, 2))
-    x = block(self.features * 2**self.depth, name="bottleneck")(x, train=train)
+      x = layers.max_pool(x, 2, 2)
+    x = block(self.features * 2**self.depth, name="bottleneck")(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     for level in reversed(range(self.depth)):
@@ -180,7 +196,7 @@ class UNet(nn.Module):
                     name=f"upconv{level}")(x)
       skip = layers.center_crop(skips[level], x.shape[1:3])
       x = jnp.concatenate([skip, x], axis=-1)
-      x = block(width, name=f"up{level}")(x, train=train)
+      x = block(width, name=f"up{level}")(x, train)
 
     x = layers.Conv(self.num_classes, (1, 1), kernel_init=_he_normal, dtype=self.dtype,
                 name="head")(x)

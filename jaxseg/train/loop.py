@@ -4,6 +4,12 @@
 from a config, resumes from the latest checkpoint in ``workdir`` if there is one, trains
 with a progress bar, logs JSON lines + TensorBoard, checkpoints, evaluates and writes PNG
 overlays. ``evaluate_workdir(workdir, split)`` restores a run and scores any split.
+
+``config.dtype`` ("float32" by default, "bfloat16" for mixed precision) is the model's
+computation dtype (:func:`build_model`); parameters, optimizer state, BatchNorm statistics,
+checkpoints and losses stay float32 either way, so a run can be resumed or evaluated in the
+other dtype. ``config.model_kwargs.remat`` (ResNet/MobileNetV2/VGG backbones, UNet, Mask
+R-CNN) recomputes each block in the backward pass to save activation memory.
 """
 import json
 import os
@@ -114,8 +120,28 @@ def build_loss(config, train_source=None) -> Callable:
 
 
 def build_model(config, num_classes: int):
-  return models_lib.build(config.model, num_classes=num_classes,
-                          **dict(config.get("model_kwargs", None) or {}))
+  """``jaxseg.models.build(config.model, **config.model_kwargs)`` in ``config.dtype``.
+
+  ``config.dtype`` ("float32" when absent, or "bfloat16": mixed precision, see
+  ``jaxseg.models.registry``) is passed as the builder's ``dtype`` unless it is float32, so
+  models registered without a ``dtype`` option keep working in float32. A ``dtype`` in
+  ``model_kwargs`` must agree with it.
+
+  Raises:
+    ValueError: an invalid ``config.dtype`` or one that contradicts ``model_kwargs.dtype``.
+  """
+  kwargs = dict(config.get("model_kwargs", None) or {})
+  name = config.get("dtype", None) or "float32"
+  try:
+    dtype = models_lib.registry.resolve_dtype(name)
+  except ValueError as e:
+    raise ValueError(f"config.dtype: {e}") from None
+  if "dtype" in kwargs and models_lib.registry.resolve_dtype(kwargs["dtype"]) != dtype:
+    raise ValueError(f"config.model_kwargs.dtype={kwargs['dtype']!r} contradicts "
+                     f"config.dtype={name!r}; set only config.dtype")
+  if dtype != jnp.float32:
+    kwargs["dtype"] = dtype
+  return models_lib.build(config.model, num_classes=num_classes, **kwargs)
 
 
 def load_split(config, split: str):
@@ -303,7 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pmap = config.get("parallel", "jit") == "pmap"
   train_step = step_lib.make_train_step(
       loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
-      aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes)
+      aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes,
+      check_batches=pmap)  # the jit path checks host batches in prefetch_to_device below
   state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
   instance = is_instance_model(model)
   if instance:
@@ -332,6 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       crop_size=config.get("crop_size", None), seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       label_kinds=config.get("label_kinds", None), **dict(config.get("augment", None) or {}))
+  if not pmap:  # batches travel to the devices while the previous step runs
+    batches = sharding.prefetch_to_device(
+        batches, mesh, check=lambda b: step_lib.validate_batch(b, num_classes))
 
   writer = MetricWriter(workdir, enabled=is_main)
   pbar = _progress(num_steps, start_step, is_main)

@@ -21,6 +21,12 @@ sampling happen inside the model) is called as ``model(images, train=True, targe
 and its output dict goes to the loss like logits do. Models draw sampling randomness from the
 ``sampling`` RNG stream, which the step provides next to ``dropout``.
 
+Mixed precision (``jaxseg.models.build(..., dtype="bfloat16")``, ``config.dtype``): params,
+gradients and optimizer state stay float32 (the model casts weights where it uses them);
+:func:`float32_outputs` casts every half-precision floating leaf of the model's output (logits,
+sown ``aux_logits``, Mask R-CNN's output dict) to float32 once, before any loss sees it, so
+every loss and metric is computed in float32. The eval and predict steps do the same.
+
 Label batches are checked before the step runs, NumPy and device (``jax.Array``) batches
 alike, against ``num_classes`` or, when it is not given, the class count of the model's
 logits (learnt when the step is first traced).
@@ -53,6 +59,20 @@ def collect_aux_logits(intermediates) -> list:
     if path and path[-1] == "aux_logits":
       found.extend(value if isinstance(value, (tuple, list)) else [value])
   return found
+
+
+def float32_outputs(tree):
+  """``tree`` with every bfloat16/float16 leaf cast to float32; other leaves unchanged.
+
+  Applied to model outputs so that losses never run in half precision, whatever dtype the
+  model computes in (float64 and integer/bool leaves such as Mask R-CNN's labels stay).
+  """
+  def cast(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+      return x.astype(jnp.float32)
+    return x
+  return jax.tree.map(cast, tree)
 
 
 def loss_takes_step(loss_fn: Callable) -> bool:
@@ -203,8 +223,9 @@ def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight, pass_ste
     out, mutated = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs=rngs, mutable=["batch_stats", "intermediates"], **model_kwargs)
+    out = float32_outputs(out)
     main = loss_fn(out, batch, **kwargs)
-    aux_list = collect_aux_logits(mutated.get("intermediates", {}))
+    aux_list = float32_outputs(collect_aux_logits(mutated.get("intermediates", {})))
     aux = sum((loss_fn(a, batch, **kwargs) for a in aux_list), jnp.zeros((), jnp.float32))
     total = main + aux_weight * aux if aux_list else main
     return total, (mutated.get("batch_stats", {}), main, aux, bool(aux_list))
@@ -272,7 +293,7 @@ def _host_or_sharded(batch, sharding):
 
 def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel: str = "jit",
                     aux_weight: float = 0.4, num_classes: Optional[int] = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, check_batches: bool = True) -> Callable:
   """Build ``train_step(state, batch, rng) -> (state, metrics)``.
 
   Args:
@@ -290,6 +311,10 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       dimension of the model's logits, read when the step is first traced (the first batch
       is traced before it is checked; the trace is reused by the call).
     donate: donate the input state's buffers (do not reuse a state passed in).
+    check_batches: run :func:`validate_batch` on every batch. ``False`` is for callers that
+      checked the host batch already (the trainer does, in ``shd.prefetch_to_device``): a
+      device batch's range check waits for the step before it, which would stall a pipeline
+      of prefetched batches.
 
   Returns:
     The step. ``metrics`` holds scalars: ``loss``, ``grad_norm`` and, for models with
@@ -356,9 +381,10 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
     # passes through untouched.
     state = shd.replicate(state, mesh)
     batch = _host_or_sharded(batch, shd.data_sharding(mesh))
-    validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
+    if check_batches:
+      validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
     sharded = shd.shard_batch(batch, mesh)
-    if needs_range_check(batch):
+    if check_batches and needs_range_check(batch):
       _check_label_ranges(batch, classes(lambda: jitted.trace(state, sharded, rng)))
     return jitted(state, sharded, rng)
 
@@ -392,8 +418,8 @@ def unreplicate_state(state):
 
 
 def eval_logits(state: TrainState, images):
-  """Eval-mode logits ``[N,H,W,C]`` (running BatchNorm statistics, no dropout)."""
-  return state.apply_fn(state.variables(), images, train=False)
+  """Eval-mode logits ``[N,H,W,C]`` float32 (running BatchNorm statistics, no dropout)."""
+  return float32_outputs(state.apply_fn(state.variables(), images, train=False))
 
 
 def make_predict_step(*, mesh: Optional[Mesh] = None) -> Callable:
@@ -407,7 +433,7 @@ def make_predict_step(*, mesh: Optional[Mesh] = None) -> Callable:
   repl, data = shd.replicated(mesh), shd.data_sharding(mesh)
 
   def predict(state, images):
-    return state.apply_fn(state.variables(), images, train=False)
+    return float32_outputs(state.apply_fn(state.variables(), images, train=False))
 
   jitted = jax.jit(predict, in_shardings=(repl, data), out_shardings=data)
 
@@ -441,7 +467,8 @@ def make_eval_step(num_classes: int, *, mesh: Optional[Mesh] = None,
     if infer is None:
       return eval_logits(state, images)
     variables = state.variables()
-    return infer(lambda x: state.apply_fn(variables, x, train=False), images, num_classes)
+    return infer(lambda x: float32_outputs(state.apply_fn(variables, x, train=False)), images,
+                 num_classes)
 
   def step(state, batch):
     logits = logits_of(state, batch["image"])

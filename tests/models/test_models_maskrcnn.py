@@ -589,3 +589,43 @@ def test_box_supervision_trains_through_make_train_step(variables):
     state, metrics = step(state, batch, jax.random.key(0))
     values.append(float(jax.device_get(metrics["loss"])))
   assert np.isfinite(values).all() and values[-1] < values[0], values
+
+
+@pytest.mark.parametrize("positives,cap", [((3, 20), 32), ((40, 7), 64), ((0, 0), 32),
+                                           ((100, 128), 128)])
+def test_mask_branch_on_positive_buckets_equals_the_full_branch(model, variables, positives,
+                                                                cap):
+  """Only the leading slots holding the positives are computed (P/4, P/2 or P of them); every
+  valid slot's logits equal the full branch's, and the gradient through them too."""
+  p = int(model.box_batch_size_per_image * model.box_positive_fraction)
+  assert p == 128
+  rng = np.random.RandomState(sum(positives))
+  y0 = rng.uniform(0, H / 2, (N, p, 1))
+  x0 = rng.uniform(0, W / 2, (N, p, 1))
+  boxes = jnp.asarray(np.concatenate([y0, x0, y0 + rng.uniform(4, H / 2, (N, p, 1)),
+                                      x0 + rng.uniform(4, W / 2, (N, p, 1))], -1), jnp.float32)
+  valid = jnp.asarray(np.arange(p)[None, :] < np.asarray(positives)[:, None])
+
+  def run(v, x, boxes, which):
+    def fn(m, x, boxes):
+      fpn = m.backbone(x, train=False)
+      if which == "full":
+        return m._mask_branch(fpn, boxes, (H, W))
+      return m._positive_mask_branch(fpn, boxes, valid, (H, W))
+    return model.apply(v, x, boxes, method=fn)
+
+  x = _images()
+  full = run(variables, x, boxes, "full")
+  ours = run(variables, x, boxes, "ours")
+  mask = np.asarray(valid)[:, :, None, None, None]
+  np.testing.assert_allclose(np.asarray(ours) * mask, np.asarray(full) * mask, rtol=1e-5,
+                             atol=1e-5)
+  assert not np.asarray(ours)[:, cap:].any()  # slots past the bucket were not computed
+
+  def loss(v, which):
+    return jnp.sum(jnp.where(mask, run(v, x, boxes, which), 0.0) ** 2)
+
+  g_full = jax.grad(loss)(variables, "full")["params"]["mask_predictor"]
+  g_ours = jax.grad(loss)(variables, "ours")["params"]["mask_predictor"]
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

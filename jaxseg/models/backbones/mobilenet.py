@@ -12,6 +12,11 @@ For dense prediction (``output_stride`` 8 or 16) the strided depthwise convs pas
 output stride keep stride 1 and later blocks dilate: like ResNet's rule and TF
 DeepLab's MobileNet, the block that would have strided uses the previous rate and
 the blocks after it the doubled one.
+
+``remat=True`` puts every inverted residual block (``features.1..17``) under
+``flax.linen.remat`` (``jax.checkpoint``, default policy: only a block's input is stored,
+its expanded 6x-wide activations are recomputed in the backward pass); parameters and
+results are those of ``remat=False``.
 """
 import functools
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -102,6 +107,10 @@ class InvertedResidual(nn.Module):
     return y
 
 
+# Made once: nn.remat builds a new Module class per call.
+RematInvertedResidual = nn.remat(InvertedResidual)
+
+
 class Features(nn.Module):
   """torchvision's ``features`` Sequential; returns every block's output in order."""
   width_multiplier: float
@@ -109,9 +118,11 @@ class Features(nn.Module):
   norm: Callable
   last_conv: bool
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
+    block = RematInvertedResidual if self.remat else InvertedResidual
     outs = []
     x = ConvNormReLU6(make_divisible(32 * self.width_multiplier), 3, 2, norm=self.norm,
                       dtype=self.dtype, name="0")(x)
@@ -128,8 +139,7 @@ class Features(nn.Module):
           stride = 1
         elif stride > 1:
           current *= stride
-        x = InvertedResidual(width, stride, t, block_dilation, self.norm, self.dtype,
-                             name=str(index))(x)
+        x = block(width, stride, t, block_dilation, self.norm, self.dtype, name=str(index))(x)
         outs.append(x)
         index += 1
     if self.last_conv:
@@ -150,6 +160,7 @@ class MobileNetV2(nn.Module):
     dropout: classifier dropout rate (rng stream "dropout").
     norm: norm factory taking ``name=`` (``use_running_average`` bound from ``train``).
     mean, std, normalize, dtype: as ``ResNet``.
+    remat: recompute each inverted residual block in the backward pass (module docstring).
 
   ``__call__(images [N,H,W,3], *, train) -> {"stem", "c2".."c5"[, "logits"]}``: stem is
   ``features.1`` (16 ch, stride 2), c2 ``features.3`` (24, 4), c3 ``features.6`` (32, 8),
@@ -164,6 +175,7 @@ class MobileNetV2(nn.Module):
   std: Sequence[float] = layers.IMAGENET_STD
   normalize: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool) -> Dict[str, Any]:
@@ -179,7 +191,7 @@ class MobileNetV2(nn.Module):
     if self.normalize:
       x = layers.normalize(images, self.mean, self.std, self.dtype)
     outs = Features(self.width_multiplier, self.output_stride, norm,
-                    self.num_classes is not None, self.dtype, name="features")(x)
+                    self.num_classes is not None, self.dtype, self.remat, name="features")(x)
     feats = {key: outs[i] for key, i in FEATURE_INDICES.items()}
     if self.num_classes is not None:
       feats["logits"] = Classifier(self.num_classes, self.dropout, self.dtype,

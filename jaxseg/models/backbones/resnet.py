@@ -15,6 +15,12 @@ block of a dilated stage keeps the previous dilation (layer3 = 1, 2, 2, ...; lay
 every block of the stage at the new rate). ``multi_grid`` (DeepLab v3) multiplies the
 last stage's per-block rates: (1, 2, 4) at OS16 gives 2, 4, 8. ``deep_stem`` is the
 ResNet-C stem of PSPNet (three 3x3 convs 64, 64, 128 named conv1..3 / bn1..3).
+
+``remat=True`` wraps every residual block in ``flax.linen.remat`` (``jax.checkpoint`` with
+its default policy: nothing inside a block is saved for the backward pass; only the block's
+input is kept and the block is recomputed while differentiating). It trades one extra
+forward pass of the blocks for activation memory, for large inputs; parameter names, values
+and results are those of ``remat=False`` (the blocks keep their ``name``).
 """
 import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -110,22 +116,32 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+@functools.lru_cache(maxsize=None)
+def rematted(block: type) -> type:
+  """``nn.remat(block)``, made once per block class (the blocks take only ``x``)."""
+  return nn.remat(block)
+
+
 class Stage(nn.Module):
-  """One ``layerN``: blocks named 0, 1, ... with the given per-block dilations."""
+  """One ``layerN``: blocks named 0, 1, ... with the given per-block dilations.
+
+  ``remat``: each block under ``jax.checkpoint`` (see the module docstring).
+  """
   block: Any
   planes: int
   stride: int
   dilations: Sequence[int]
   norm: Callable
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
+    block = rematted(self.block) if self.remat else self.block
     for i, dilation in enumerate(self.dilations):
       stride = self.stride if i == 0 else 1
       project = i == 0 and (stride != 1 or x.shape[-1] != self.planes * self.block.expansion)
-      x = self.block(self.planes, stride, dilation, project, self.norm, self.dtype,
-                     name=str(i))(x)
+      x = block(self.planes, stride, dilation, project, self.norm, self.dtype, name=str(i))(x)
     return x
 
 
@@ -145,7 +161,9 @@ class ResNet(nn.Module):
     norm: norm factory taking ``name=`` (``layers.batch_norm``, ``layers.FrozenBatchNorm``);
       ``use_running_average`` is bound from ``train``.
     mean, std: input normalisation (images enter in [0, 1]); ``normalize=False`` skips it.
-    dtype: computation dtype.
+    dtype: computation dtype (parameters stay float32).
+    remat: recompute each residual block in the backward pass (``jax.checkpoint``) instead
+      of storing its activations; same parameters and results.
 
   ``__call__(images [N,H,W,3], *, train) -> {"stem", "c2", "c3", "c4", "c5"[, "logits"]}``:
   stem = after the max pool (stride 4), c2..c5 = layer1..layer4 (strides 4, 8, 16, 32 at
@@ -165,6 +183,7 @@ class ResNet(nn.Module):
   std: Sequence[float] = layers.IMAGENET_STD
   normalize: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool) -> Dict[str, Any]:
@@ -187,7 +206,7 @@ class ResNet(nn.Module):
     else:
       x = conv(self.stem_width, 7, 2, name="conv1", dtype=self.dtype)(x)
       x = nn.relu(norm(name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool(x, 3, 2, 1)
     feats = {"stem": x}
     block = BasicBlock if self.block == "basic" else Bottleneck
     previous = 1
@@ -198,7 +217,8 @@ class ResNet(nn.Module):
         rates[0] = previous
       if s == 3 and self.multi_grid:
         rates = [dilation * self.multi_grid[i % len(self.multi_grid)] for i in range(size)]
-      x = Stage(block, width, stride, tuple(rates), norm, self.dtype, name=f"layer{s + 1}")(x)
+      x = Stage(block, width, stride, tuple(rates), norm, self.dtype, self.remat,
+                name=f"layer{s + 1}")(x)
       feats[f"c{s + 2}"] = x
       previous = dilation
     if self.num_classes is not None:

@@ -5,7 +5,14 @@ after every conv, argmax pools), Dilation (unpadded convs, no pool4/pool5,
 dilated conv5) and DeepLab v1/v2 (3x3 pools, stride-1 pool4/pool5, dilated
 conv5) encoders. Layers keep the Caffe names ``conv{stage}_{i}`` (and
 ``conv{stage}_{i}_bn``) so converted checkpoints and papers read the same.
+
+``remat=True`` puts the convolutions of each stage (conv-[BN]-ReLU x 2 or 3, not the pool)
+under ``flax.linen.remat`` (``jax.checkpoint``, default policy: the stage input is stored,
+its inner activations are recomputed in the backward pass). The stage is a lifted function
+of the VGG module itself, so the layers keep their names (``conv3_2``, not ``stage3/...``)
+and parameters and results equal those of ``remat=False``.
 """
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -43,6 +50,7 @@ class VGG16(nn.Module):
     norm_bias_init: initial BN shift (SegNet: 0.001).
     kernel_init: conv kernel initializer (default He normal, fan-in).
     dtype: computation dtype.
+    remat: recompute each stage's convolutions in the backward pass (module docstring).
 
   Returns from ``__call__``: a dict with, for every stage s in 1..5,
   ``conv{s}`` (the last ReLU output of the stage, before pooling) and
@@ -60,6 +68,26 @@ class VGG16(nn.Module):
   norm_bias_init: float = 0.0
   kernel_init: Callable = he_normal
   dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _stage_convs(self, x, stage: int, width: int, depth: int, train: bool):
+    """The conv-[BN]-ReLU layers of one stage, created in this module's scope."""
+    dilation = self.conv5_dilation if stage == 5 else 1
+    for i in range(1, depth + 1):
+      if stage == 1 and i == 1:
+        pad = self.conv1_padding
+      else:
+        pad = dilation if self.padded else 0
+      name = f"conv{stage}_{i}"
+      x = layers.Conv(width, (3, 3), padding=[(pad, pad), (pad, pad)],
+                      kernel_dilation=(dilation, dilation), use_bias=True,
+                      kernel_init=self.kernel_init, dtype=self.dtype, name=name)(x)
+      if self.norm == "batch":
+        x = layers.batch_norm(use_running_average=not train,
+                              bias_init=nn.initializers.constant(self.norm_bias_init),
+                              dtype=self.dtype, name=f"{name}_bn")(x)
+      x = nn.relu(x)
+    return x
 
   @nn.compact
   def __call__(self, x, *, train: bool) -> Dict[str, Any]:
@@ -71,21 +99,10 @@ class VGG16(nn.Module):
       raise ValueError(f"VGG16: norm must be None or 'batch', got {self.norm!r}")
     out = {}
     for stage, (width, depth, pool) in enumerate(zip(self.widths, VGG16_DEPTHS, self.pools), 1):
-      dilation = self.conv5_dilation if stage == 5 else 1
-      for i in range(1, depth + 1):
-        if stage == 1 and i == 1:
-          pad = self.conv1_padding
-        else:
-          pad = dilation if self.padded else 0
-        name = f"conv{stage}_{i}"
-        x = layers.Conv(width, (3, 3), padding=[(pad, pad), (pad, pad)],
-                    kernel_dilation=(dilation, dilation), use_bias=True,
-                    kernel_init=self.kernel_init, dtype=self.dtype, name=name)(x)
-        if self.norm == "batch":
-          x = layers.batch_norm(use_running_average=not train,
-                                bias_init=nn.initializers.constant(self.norm_bias_init),
-                                dtype=self.dtype, name=f"{name}_bn")(x)
-        x = nn.relu(x)
+      # A lifted function of this module (not a submodule), so the names stay conv{s}_{i}.
+      convs = functools.partial(VGG16._stage_convs, stage=stage, width=width, depth=depth,
+                                train=train)
+      x = (nn.remat(convs) if self.remat else convs)(self, x)
       out[f"conv{stage}"] = x
       if pool is not None:
         window, stride, padding = pool
@@ -109,7 +126,8 @@ class VGG16Backbone(nn.Module):
   ``__call__(images [N,H,W,3] in [0,1], *, train)`` normalises and returns
   ``{"stem": pool1, "c2": pool2, "c3": pool3, "c4": pool4, "c5": pool5}`` (strides 2..32).
   ``output_stride`` 16 makes pool5 a 3x3 stride-1 pool; 8 does the same to pool4 and
-  dilates conv5 by 2 (the DeepLab v1 recipe). ``norm="batch"`` is vgg16_bn. VGG has no
+  dilates conv5 by 2 (the DeepLab v1 recipe). ``norm="batch"`` is vgg16_bn; ``remat``
+  recomputes each stage in the backward pass (``VGG16``). VGG has no
   ImageNet classifier here (convert torchvision's with ``convert.vgg16_state_dict``).
   """
   widths: Sequence[int] = VGG16_WIDTHS
@@ -119,6 +137,7 @@ class VGG16Backbone(nn.Module):
   std: Sequence[float] = layers.IMAGENET_STD
   normalize: bool = True
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool) -> Dict[str, Any]:
@@ -134,6 +153,6 @@ class VGG16Backbone(nn.Module):
              8: DEFAULT_POOLS[:3] + (dense, dense)}[self.output_stride]
     out = VGG16(widths=self.widths, conv5_dilation=2 if self.output_stride == 8 else 1,
                 pools=pools, ceil_mode=False, norm=self.norm, dtype=self.dtype,
-                name="features")(x, train=train)
+                remat=self.remat, name="features")(x, train=train)
     return {"stem": out["pool1"], "c2": out["pool2"], "c3": out["pool3"], "c4": out["pool4"],
             "c5": out["pool5"]}

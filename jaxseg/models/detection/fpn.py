@@ -72,6 +72,7 @@ class ResNetFPN(nn.Module):
       ``*_COCO_V1`` detection weights).
     fpn_channels: FPN output channels.
     dtype: computation dtype.
+    remat: recompute each residual block in the backward pass (``resnet.ResNet``).
   The ResNet normalises the images with the ImageNet mean/std (torchvision's transform).
   """
   arch: str = "resnet50"
@@ -79,6 +80,7 @@ class ResNetFPN(nn.Module):
   frozen_bn_eps: float = 1e-5
   fpn_channels: int = 256
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool) -> Tuple[Any, ...]:
@@ -89,7 +91,8 @@ class ResNetFPN(nn.Module):
     norm = functools.partial(layers.FrozenBatchNorm, epsilon=self.frozen_bn_eps)
     body = resnet.ResNet(stage_sizes=resnet.STAGE_SIZES[self.arch],
                          block=resnet.BLOCKS[self.arch], widths=widths,
-                         stem_width=widths[0], norm=norm, dtype=self.dtype, name="body")
+                         stem_width=widths[0], norm=norm, dtype=self.dtype, remat=self.remat,
+                         name="body")
     feats = body(images, train=train)
     return FPN(self.fpn_channels, self.dtype, name="fpn")(
         [feats[k] for k in ("c2", "c3", "c4", "c5")])
