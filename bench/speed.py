@@ -84,7 +84,7 @@ INFO_TIMEOUT_S = 600
 
 
 def label(name, kwargs):
-  """The case label, ``name/value...`` (as bench/models.py spells it)."""
+  """The case label, ``name/value...`` (as ``--models`` takes it)."""
   return "/".join([name] + [str(v) for v in kwargs.values()])
 
 

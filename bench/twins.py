@@ -1,4 +1,4 @@
-"""PyTorch twins of jaxseg's semantic models, for the speed benchmark (``bench/models.py``).
+"""PyTorch twins of jaxseg's semantic models, for the speed benchmark (``bench/speed.py``).
 
 ``twin(name, kwargs, num_classes)`` builds the PyTorch module that computes what
 ``jaxseg.models.build(name, num_classes=num_classes, **kwargs)`` computes: the same layers
@@ -44,7 +44,7 @@ Not reproduced (the computation is the same function, done differently):
 registered later) or options it does not reproduce (any ``width_multiplier`` other than 1
 for torchvision-based models, since torchvision builds full width only; ``dtype`` other
 than float32; ``remat=True``). The module imports without torch (``CASES`` is needed by
-``bench/models.py --no-torch``); ``twin`` then raises ImportError.
+``bench/speed.py --no-torch``); ``twin`` then raises ImportError.
 """
 import inspect
 from typing import Any, Dict, Mapping, Optional, Sequence

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# Maps of at most this many positions per image run as tap sums on CPU (``_tap_sum``).
+TINY_MAP = 16
 
 
 def _is_plain_nhwc(lhs, rhs, window_strides, padding, lhs_dilation, dimension_numbers,
@@ -43,16 +45,19 @@ def gradient_plan(x_shape, w_shape, strides, rhs_dilation, backend=None):
   Read off ``bench/conv_grad.py`` on the 2-core CPU (README): the flipped-kernel input
   gradient beat or matched XLA's for the stride-1 shapes measured (0.55-0.95x its time:
   UNet/VGG maps at 128 px as much as dilated ResNet layers); the per-tap weight gradient wins
-  when the batch holds at most 1024 positions (its matmuls contract over N*H*W) with 256+
-  input channels (deep ResNet/ASPP/RefineNet layers at the benchmark's sizes, 0.4-0.9x) and
-  loses or ties beyond, where XLA's is kept. 1x1 kernels never get here
+  on maps of at most 16x16 positions with 256+ input channels (deep ResNet/ASPP/RefineNet
+  layers at the benchmark's sizes, 0.4-0.9x of XLA's time; about even for 64 RoIs of Mask
+  R-CNN's 14x14 mask head) and loses on larger maps with few channels, where XLA's is kept. 1x1 kernels never get here
   (``conv_general_dilated`` runs them as matmuls).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return False, False
-  n, h, w, cin = x_shape
-  custom_dw = n * h * w <= 1024 and cin >= 256
+  _, h, w, cin = x_shape
+  # Per image, not per batch: XLA:CPU runs convolutions nested in control flow (Mask R-CNN's
+  # mask-head switch) on a generic path where its weight gradient of the 14x14, 256-channel
+  # mask head took 40 s per layer; the per-tap matmuls take well under a second there.
+  custom_dw = h * w <= 256 and cin >= 256
   custom_dx = tuple(strides) == (1, 1)
   return custom_dw, custom_dx
 
@@ -144,15 +149,70 @@ def _conv_bwd(strides, padding, dilation, precision, custom_dw, custom_dx, res, 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _tap_sum(x, w, strides, padding, dilation, precision):
+  """A convolution as the sum over kernel taps of (shifted view) x (tap matrix); autodiff gives
+  slices and matmuls. For maps of a few positions, where XLA:CPU's convolution is
+  pathologically slow (RefineNet's stride-32 blocks: 2x2 maps at 64 px, 512 -> 512 3x3)."""
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  n = x.shape[0]
+  kh, kw = w.shape[:2]
+  (sh, sw), (dh, dw) = strides, dilation
+  ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+  wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+  y = None
+  for a, view in enumerate(_taps(xp, (ho, wo), (kh, kw), strides, dilation)):
+    term = lax.dot_general(view, w[a // kw, a % kw], (((3,), (0,)), ((), ())),
+                           precision=precision)
+    y = term if y is None else y + term
+  return y
+
+
+def live_taps(size: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int):
+  """The kernel taps along one axis that ever read the input, as ``(first, last)``.
+
+  Tap ``a`` reads input rows ``i * stride + a * dilation - pad_lo`` for the output rows ``i``;
+  a tap whose rows all fall in the zero padding adds nothing (atrous rates at or above the map
+  size: DeepLab's ASPP at 12-36 on 8x8 or 33x33 maps keeps only its centre tap). Live taps are
+  contiguous; ``None`` when none is.
+  """
+  out = (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+  live = [a for a in range(kernel)
+          if (out - 1) * stride + a * dilation - pad_lo >= 0 and a * dilation - pad_lo < size]
+  return (live[0], live[-1]) if live else None
+
+
+def _trim_dead_taps(lhs, rhs, strides, pads, dilation):
+  """``(rhs, pads)`` without the taps that only see padding: the same convolution, exactly
+  (their weight gradient is zero either way), on fewer taps. Unchanged when every tap is live
+  or trimming would need negative padding."""
+  new_pads, cuts = [], []
+  for axis in range(2):
+    k, d, s = rhs.shape[axis], dilation[axis], strides[axis]
+    lo, hi = pads[axis]
+    live = live_taps(lhs.shape[1 + axis], k, s, d, lo, hi)
+    if live is None:
+      return rhs, pads
+    a0, a1 = live
+    lo2, hi2 = lo - a0 * d, hi - (k - 1 - a1) * d
+    if lo2 < 0 or hi2 < 0:
+      return rhs, pads
+    new_pads.append((lo2, hi2))
+    cuts.append(slice(a0, a1 + 1))
+  if all(c == slice(0, rhs.shape[i]) for i, c in enumerate(cuts)):
+    return rhs, pads
+  return rhs[cuts[0], cuts[1]], tuple(new_pads)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """``jax.lax.conv_general_dilated`` with the gradient of ``gradient_plan``.
+  """``jax.lax.conv_general_dilated``, computed faster for plain 2-D NHWC/HWIO convolutions.
 
-  Drop-in for ``nn.Conv(conv_general_dilated=...)`` (``jaxseg.models.layers.Conv``). Calls the
-  custom-gradient route handles (2-D NHWC/HWIO, no input dilation or groups, default output
-  type) only where ``gradient_plan`` says it is faster; every other
-  call is ``lax.conv_general_dilated`` itself.
+  Drop-in for ``nn.Conv(conv_general_dilated=...)`` (``jaxseg.models.layers.Conv``). For calls
+  without input dilation, groups or an output type (every jaxseg conv): taps that only see
+  padding are dropped (any backend, exact); on CPU 1x1 kernels become matmuls and the shapes
+  ``gradient_plan`` names get the custom gradient. Every other call is
+  ``lax.conv_general_dilated`` itself.
   """
   strides = tuple(window_strides)
   dilation = tuple(rhs_dilation or (1, 1))
@@ -163,11 +223,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       window = [d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:2])]
       padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
     pads = tuple(tuple(int(v) for v in p) for p in padding)
+    rhs, pads = _trim_dead_taps(lhs, rhs, strides, pads, dilation)
     if rhs.shape[:2] == (1, 1) and jax.default_backend() == "cpu":
       return _pointwise(lhs, rhs, strides, pads, precision)
+    if lhs.shape[1] * lhs.shape[2] <= TINY_MAP and jax.default_backend() == "cpu":
+      return _tap_sum(lhs, rhs, strides, pads, dilation, precision)
     custom_dw, custom_dx = gradient_plan(lhs.shape, rhs.shape, strides, dilation)
     if custom_dw or custom_dx:
       return _conv(lhs, rhs, strides, pads, dilation, precision, custom_dw, custom_dx)
+    return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
+                                    dimension_numbers=_NHWC, precision=precision)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

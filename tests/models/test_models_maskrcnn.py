@@ -591,8 +591,7 @@ def test_box_supervision_trains_through_make_train_step(variables):
   assert np.isfinite(values).all() and values[-1] < values[0], values
 
 
-@pytest.mark.parametrize("positives,cap", [((3, 20), 32), ((40, 7), 64), ((0, 0), 32),
-                                           ((100, 128), 128)])
+@pytest.mark.parametrize("positives,cap", [((40, 7), 64), ((0, 0), 32)])
 def test_mask_branch_on_positive_buckets_equals_the_full_branch(model, variables, positives,
                                                                 cap):
   """Only the leading slots holding the positives are computed (P/4, P/2 or P of them); every

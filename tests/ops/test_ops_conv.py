@@ -62,11 +62,11 @@ def test_gradient_plan_is_cpu_only_and_follows_the_measured_rule():
       False, False)
   assert conv_ops.gradient_plan((2, 8, 8, 512), (3, 3, 512, 512), (1, 1), (2, 2), "cpu") == (
       True, True)
-  # Large batches of positions keep XLA's weight gradient; strided convs its input gradient.
+  # Large maps with few channels keep XLA's weight gradient; strided convs its input gradient.
   assert conv_ops.gradient_plan((4, 128, 128, 32), (3, 3, 32, 32), (1, 1), (1, 1), "cpu") == (
       False, True)
   assert conv_ops.gradient_plan((64, 14, 14, 256), (3, 3, 256, 256), (1, 1), (1, 1), "cpu") == (
-      False, True)
+      True, True)
   assert conv_ops.gradient_plan((2, 16, 16, 256), (3, 3, 256, 64), (2, 2), (1, 1), "cpu") == (
       True, False)
 
@@ -145,3 +145,59 @@ def test_string_padding_takes_the_custom_gradient_and_matches_xla(padding):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
   jaxpr = str(jax.make_jaxpr(jax.grad(ours, 1))(x, w))
   assert "custom_vjp_call" in jaxpr
+
+
+@pytest.mark.parametrize("h,w,dilation", [(8, 8, 12), (5, 9, 6), (4, 4, 3), (10, 10, 6)])
+def test_taps_that_only_see_padding_are_dropped_exactly(h, w, dilation):
+  """Atrous rates at or above the map size (ASPP on small maps): the convolution runs on the
+  live taps only, with torch's result and zero weight gradient on the dropped taps."""
+  rng = np.random.RandomState(h + dilation)
+  k = 5 if h == 4 else 3
+  pad = dilation * (k - 1) // 2
+  x = rng.randn(2, h, w, 3).astype(np.float32)
+  kern = rng.randn(k, k, 3, 4).astype(np.float32)
+  live = [conv_ops.live_taps(n, k, 1, dilation, pad, pad) for n in (h, w)]
+
+  def f(x, kern):
+    return conv_ops.conv_general_dilated(x, kern, (1, 1), ((pad, pad), (pad, pad)),
+                                         rhs_dilation=(dilation, dilation),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(kern))
+  g = rng.randn(*y.shape).astype(np.float32)
+  dx, dw = vjp(jnp.asarray(g))
+  ty, tdx, tdw = torch_grads(x, kern, g, 1, dilation, pad)
+  np.testing.assert_allclose(np.asarray(y), ty, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dx), tdx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dw), tdw, rtol=1e-4, atol=1e-3)
+  dead = np.ones((k, k), bool)
+  dead[live[0][0]:live[0][1] + 1, live[1][0]:live[1][1] + 1] = False
+  assert not np.asarray(dw)[dead].any()
+  if (h, w) != (10, 10):
+    assert dead.any()
+  # Rows of a tap are live iff some output row reads a real input row (hand-counted).
+  assert conv_ops.live_taps(8, 3, 1, 12, 12, 12) == (1, 1)
+  assert conv_ops.live_taps(10, 3, 1, 6, 6, 6) == (0, 2)
+  assert conv_ops.live_taps(4, 5, 1, 3, 6, 6) == (1, 3)
+
+
+@pytest.mark.parametrize("h,w,stride", [(2, 2, 1), (4, 3, 1), (3, 3, 2)])
+def test_tiny_maps_run_as_tap_sums_equal_to_torch(h, w, stride):
+  """Maps of <= TINY_MAP positions (RefineNet's 2x2 blocks) are summed tap by tap on CPU."""
+  rng = np.random.RandomState(h * w)
+  x = rng.randn(2, h, w, 6).astype(np.float32)
+  kern = rng.randn(3, 3, 6, 5).astype(np.float32)
+
+  def f(x, kern):
+    return conv_ops.conv_general_dilated(x, kern, (stride, stride), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(kern))
+  g = rng.randn(*y.shape).astype(np.float32)
+  dx, dw = vjp(jnp.asarray(g))
+  ty, tdx, tdw = torch_grads(x, kern, g, stride, 1, 1)
+  np.testing.assert_allclose(np.asarray(y), ty, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dx), tdx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dw), tdw, rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == "cpu":
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(f)(x, kern))

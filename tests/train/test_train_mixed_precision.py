@@ -246,7 +246,7 @@ def test_config_dtype_reaches_the_model_and_is_validated():
 
 # The default recipe at a size that trains in about 90 s per run on the 2-core development
 # machine (600 steps of batch 8 instead of 600 of 16): float32 reached 54.3 mIoU, bfloat16
-# 54.5 (2026-12-03, shared machine).
+# 54.5 (2026-12-04, shared machine).
 SHAPES_STEPS, SHAPES_BATCH = 600, 8
 
 
