@@ -49,11 +49,8 @@ average after and the loader figure; progress on stderr; ``--json PATH`` writes 
 plus machine, versions, load averages, argv, git commit and date. Timings on a shared machine
 are noisy (the load average after each row is in the table): compare ratios from an idle one.
 
-Default run (every case, 64x64, batch 2, 5 timed steps, 12 classes, float32). Its cost on 2
-shared CPU cores is an estimate from partial runs, not an end-to-end measurement: 1-3 minutes
-per VGG-size case (unet, segnet, fcn8s), more for the ResNet-101 ones, and 12 minutes for
-Mask R-CNN at 256 px with ``--steps 1`` (its jaxseg train step alone took minutes there):
-between one and two hours in all. ``--models`` and ``--steps 1`` cut it down:
+Default run (every case, 64x64, batch 2, 12 classes, float32): 29 minutes with ``--steps 3``
+on the idle 2-core development machine (2026-12-04). ``--models`` cuts it down:
 
   python bench/speed.py [--models unet,segnet,deeplabv3plus/mobilenet_v2,maskrcnn]
       [--size 64] [--batch 2] [--steps 5] [--classes 12] [--aux-weight 0.4] [--no-torch]

@@ -2,14 +2,13 @@
 
 ``configure(config)`` (called by ``train.py`` and ``eval.py`` before anything touches a device):
 
-* **Host devices.** XLA:CPU runs one program on one device with a shared thread pool, and
-  much of a train step (small convolutions, elementwise fusions) does not fill the cores. Split
-  into data-parallel shards over several host devices (``--xla_force_host_platform_device_count``),
-  the same step keeps every core busy: the jitted step shards the batch over the ``data`` mesh
-  axis like it does over GPUs (README: measured figures). The count is the largest divisor of
-  the per-process train and eval batch sizes not above the usable cores (``config.host_devices``
-  = ``"auto"``), or the number given. The flag only shapes the CPU platform: on a GPU or TPU
-  machine the accelerator stays the default backend and nothing changes.
+* **Host devices.** ``config.host_devices`` splits the CPU into that many XLA devices
+  (``--xla_force_host_platform_device_count``) and the jitted step shards the batch over them
+  as over GPUs; ``"auto"`` takes the largest divisor of the per-process train and eval batch
+  sizes not above the usable cores. The default is 1: on the 2-core development machine two
+  devices ran the benchmark's batch-2 steps at 0.55-0.71x the one-device speed (README:
+  measured figures), XLA's own thread pool already filling the cores. The flag only shapes
+  the CPU platform: on a GPU or TPU machine nothing changes.
 * **Persistent compilation cache.** Compiled programs are stored under
   ``config.compilation_cache`` (default ``~/.cache/jaxseg/xla``, ``$JAXSEG_CACHE_DIR`` overrides;
   ``""`` disables), so a second run of a recipe (resume, eval) loads instead of recompiling.
@@ -98,7 +97,7 @@ def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
 def configure(config, num_processes: int = 1) -> dict:
   """Host devices and compilation cache for a run of ``config`` (see the module docstring).
 
-  Reads ``config.host_devices`` ("auto" | int, default "auto"), ``config.batch_size``,
+  Reads ``config.host_devices`` ("auto" | int, default 1), ``config.batch_size``,
   ``config.eval_batch_size`` (global sizes, divided by ``num_processes``) and
   ``config.compilation_cache`` (path | "" | None for the default). The host device count is
   left alone when the backends already started (an interactive session).
@@ -106,7 +105,7 @@ def configure(config, num_processes: int = 1) -> dict:
   """
   sizes = [config.get("batch_size", 0) // num_processes,
            config.get("eval_batch_size", 0) // num_processes]
-  n = host_device_count(sizes, config.get("host_devices", "auto"))
+  n = host_device_count(sizes, config.get("host_devices", 1))
   out = {"host_devices": None, "compilation_cache": None}
   if not _backends_started():
     out["host_devices"] = set_host_device_count(n)
