@@ -40,7 +40,6 @@ def _rss_mib() -> float:
 
 def child(args, name: str, remat: bool) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
 

@@ -648,7 +648,7 @@ def main():
         f"{os.cpu_count()} CPUs ({usable_cores()} usable); python {platform.python_version()}")
   print(f"jax {info['jax']} on {jax_platform} x{info['jax_devices']} "
         f"({info['jax_device_kind']}); "
-        + (f"torch not run (--no-torch)" if args.no_torch else
+        + ("torch not run (--no-torch)" if args.no_torch else
            f"torch {info['torch']} on {torch_device}, {args.threads} threads (= the cores JAX's "
            "CPU client uses)")
         + f"; commit {commit or 'unknown'}{' (dirty)' if dirty else ''}")

@@ -47,8 +47,8 @@ def gradient_plan(x_shape, w_shape, strides, rhs_dilation, backend=None):
   UNet/VGG maps at 128 px as much as dilated ResNet layers); the per-tap weight gradient wins
   on maps of at most 16x16 positions with 256+ input channels (deep ResNet/ASPP/RefineNet
   layers at the benchmark's sizes, 0.4-0.9x of XLA's time; about even for 64 RoIs of Mask
-  R-CNN's 14x14 mask head) and loses on larger maps with few channels, where XLA's is kept. 1x1 kernels never get here
-  (``conv_general_dilated`` runs them as matmuls).
+  R-CNN's 14x14 mask head) and loses on larger maps with few channels, where XLA's is kept.
+  1x1 kernels never get here (``conv_general_dilated`` runs them as matmuls).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
@@ -154,7 +154,6 @@ def _tap_sum(x, w, strides, padding, dilation, precision):
   slices and matmuls. For maps of a few positions, where XLA:CPU's convolution is
   pathologically slow (RefineNet's stride-32 blocks: 2x2 maps at 64 px, 512 -> 512 3x3)."""
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  n = x.shape[0]
   kh, kw = w.shape[:2]
   (sh, sw), (dh, dw) = strides, dilation
   ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1

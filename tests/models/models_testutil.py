@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxseg
+
 
 def key(seed=0):
   # The rbg PRNG compiles several times faster than threefry on CPU, which
@@ -95,3 +97,25 @@ def randomise_batch_norms(model, seed=0):
         m.weight.copy_(torch.rand(c, generator=g) + 0.5)
         m.bias.copy_(torch.rand(c, generator=g) - 0.5)
   return model
+
+
+# A tiny variant of every registered model (traced in tests; widths cut to the minimum).
+TINY_VARIANTS = {
+    "deeplabv1": dict(width_multiplier=1 / 32),
+    "deeplabv2": dict(backbone="resnet50", width_multiplier=1 / 16),
+    "deeplabv3": dict(backbone="resnet18", width_multiplier=1 / 16),
+    "deeplabv3_resnet101": dict(width_multiplier=1 / 16),
+    "deeplabv3_resnet50": dict(width_multiplier=1 / 16),
+    "deeplabv3plus": dict(backbone="mobilenet_v2", width_multiplier=0.25),
+    "dilation": dict(width_multiplier=1 / 32),
+    "fcn16s": dict(width_multiplier=1 / 32),
+    "fcn32s": dict(width_multiplier=1 / 32),
+    "fcn8s": dict(width_multiplier=1 / 32),
+    "fcn_resnet101": dict(width_multiplier=1 / 16),
+    "fcn_resnet50": dict(width_multiplier=1 / 16),
+    "maskrcnn": dict(jaxseg.models.maskrcnn.TINY),
+    "pspnet": dict(backbone="resnet18", width_multiplier=1 / 16),
+    "refinenet": dict(backbone="resnet18", width_multiplier=1 / 16),
+    "segnet": dict(width_multiplier=1 / 16),
+    "unet": dict(features=4, depth=2),
+}

@@ -130,25 +130,7 @@ def test_remat_gives_the_same_loss_gradients_and_statistics(case):
 
 
 # Every registered model takes ``remat`` through the builder; tiny variants, traced only.
-TINY = {
-    "deeplabv1": dict(width_multiplier=1 / 32),
-    "deeplabv2": dict(backbone="resnet50", width_multiplier=1 / 16),
-    "deeplabv3": dict(backbone="resnet18", width_multiplier=1 / 16),
-    "deeplabv3_resnet101": dict(width_multiplier=1 / 16),
-    "deeplabv3_resnet50": dict(width_multiplier=1 / 16),
-    "deeplabv3plus": dict(backbone="mobilenet_v2", width_multiplier=0.25),
-    "dilation": dict(width_multiplier=1 / 32),
-    "fcn16s": dict(width_multiplier=1 / 32),
-    "fcn32s": dict(width_multiplier=1 / 32),
-    "fcn8s": dict(width_multiplier=1 / 32),
-    "fcn_resnet101": dict(width_multiplier=1 / 16),
-    "fcn_resnet50": dict(width_multiplier=1 / 16),
-    "maskrcnn": dict(jaxseg.models.maskrcnn.TINY),
-    "pspnet": dict(backbone="resnet18", width_multiplier=1 / 16),
-    "refinenet": dict(backbone="resnet18", width_multiplier=1 / 16),
-    "segnet": dict(width_multiplier=1 / 16),
-    "unet": dict(features=4, depth=2),
-}
+TINY = tu.TINY_VARIANTS
 # Blocks per backbone: ResNet-18 8, -50 16, -101 33, MobileNetV2 17, VGG16 5 stages.
 BLOCKS = {"deeplabv1": 5, "deeplabv2": 16, "deeplabv3": 8, "deeplabv3_resnet101": 33,
           "deeplabv3_resnet50": 16, "deeplabv3plus": 17, "dilation": 5, "fcn16s": 5, "fcn32s": 5,

@@ -173,26 +173,9 @@ def test_float32_outputs_casts_half_precision_floats_only():
   assert out["nested"][0].dtype == F32 and float(out["nested"][0][0]) == 1.5
 
 
-# Every registered model in bfloat16: tiny variants, traced only.
-ALL_TINY = {
-    "deeplabv1": dict(width_multiplier=1 / 32),
-    "deeplabv2": dict(backbone="resnet50", width_multiplier=1 / 16),
-    "deeplabv3": dict(backbone="resnet18", width_multiplier=1 / 16, aux=True),
-    "deeplabv3_resnet101": dict(width_multiplier=1 / 16),
-    "deeplabv3_resnet50": dict(width_multiplier=1 / 16),
-    "deeplabv3plus": dict(backbone="mobilenet_v2", width_multiplier=0.25),
-    "dilation": dict(width_multiplier=1 / 32),
-    "fcn16s": dict(width_multiplier=1 / 32),
-    "fcn32s": dict(width_multiplier=1 / 32),
-    "fcn8s": dict(width_multiplier=1 / 32),
-    "fcn_resnet101": dict(width_multiplier=1 / 16),
-    "fcn_resnet50": dict(width_multiplier=1 / 16),
-    "maskrcnn": dict(jaxseg.models.maskrcnn.TINY),
-    "pspnet": dict(backbone="resnet18", width_multiplier=1 / 16),
-    "refinenet": dict(backbone="resnet18", width_multiplier=1 / 16),
-    "segnet": dict(width_multiplier=1 / 16),
-    "unet": dict(features=4, depth=2),
-}
+# Every registered model in bfloat16: tiny variants, traced only (DeepLab v3 with its aux head).
+ALL_TINY = {**tu.TINY_VARIANTS,
+            "deeplabv3": {**tu.TINY_VARIANTS["deeplabv3"], "aux": True}}
 
 
 def test_every_registered_model_is_covered():

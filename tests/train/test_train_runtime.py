@@ -1,4 +1,4 @@
-"""Process set-up (``jaxseg.train.runtime``) and device prefetching (``sharding.prefetch_to_device``)."""
+"""Process set-up (``jaxseg.train.runtime``) and device prefetching (``prefetch_to_device``)."""
 import os
 import subprocess
 import sys
@@ -85,8 +85,10 @@ def test_prefetch_to_device_keeps_order_checks_host_batches_and_shards():
   batches = [{"image": np.full((2 * n, 4, 4, 3), i, np.float32),
               "mask": np.full((2 * n, 4, 4), i % 3, np.int32)} for i in range(5)]
   seen = []
-  out = list(sharding.prefetch_to_device(batches, mesh, size=2,
-                                         check=lambda b: seen.append(float(b["image"][0, 0, 0, 0]))))
+  def check(batch):
+    seen.append(float(batch["image"][0, 0, 0, 0]))
+
+  out = list(sharding.prefetch_to_device(batches, mesh, size=2, check=check))
   assert [float(b["image"][0, 0, 0, 0]) for b in out] == list(range(5))
   assert seen == list(range(5))
   assert all(b["mask"].sharding == sharding.data_sharding(mesh) for b in out)
