@@ -159,11 +159,12 @@ def _tap_sum(x, w, strides, padding, dilation, precision):
   ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
   wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
   y = None
+  # Summed in float32 like a convolution's accumulator (bf16 partial sums lose digits).
   for a, view in enumerate(_taps(xp, (ho, wo), (kh, kw), strides, dilation)):
     term = lax.dot_general(view, w[a // kw, a % kw], (((3,), (0,)), ((), ())),
-                           precision=precision)
+                           precision=precision, preferred_element_type=jnp.float32)
     y = term if y is None else y + term
-  return y
+  return y.astype(jnp.result_type(x, w))
 
 
 def live_taps(size: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int):
