@@ -210,4 +210,6 @@ def test_sharded_device_batch_checked_on_device(state):
     train_step(st, bad, jax.random.key(1))
   st, _ = train_step(st, good, jax.random.key(2))
   # Validation runs once per step, on the check's own tiny program: one compile, no retrace.
-  assert train_step.jitted._cache_size() == 1
+  # (<= 1: in one full-suite run the C++ fast-path cache held no entry here, 0, while the
+  # file alone gives 1; a second compile would show as 2.)
+  assert train_step.jitted._cache_size() <= 1
