@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.extend import core as jcore
+
 import jaxseg
 
 
@@ -119,3 +121,15 @@ TINY_VARIANTS = {
     "segnet": dict(width_multiplier=1 / 16),
     "unet": dict(features=4, depth=2),
 }
+
+
+def jaxpr_equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from jaxpr_equations(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from jaxpr_equations(sub)

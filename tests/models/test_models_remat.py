@@ -6,7 +6,6 @@ blocks, MobileNetV2 17 inverted residuals...) checks that every block, and nothi
 under ``jax.checkpoint``. Values are compared with the ``remat=False`` model, which is the
 independent reference here: recomputation may only change floating-point rounding.
 """
-import collections
 import functools
 
 import jax
@@ -14,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.extend import core as jcore
 
 import jaxseg
 from jaxseg.models import backbones
@@ -28,20 +26,7 @@ CHECKPOINT_PRIMITIVES = ("remat2", "checkpoint")
 
 def _count_checkpoints(jaxpr) -> int:
   """Checkpoint equations anywhere in ``jaxpr`` (nested ones included)."""
-  counts = collections.Counter()
-
-  def walk(j):
-    for eqn in j.eqns:
-      counts[eqn.primitive.name] += 1
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          if isinstance(sub, jcore.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jcore.Jaxpr):
-            walk(sub)
-
-  walk(jaxpr)
-  return sum(counts[p] for p in CHECKPOINT_PRIMITIVES)
+  return sum(eqn.primitive.name in CHECKPOINT_PRIMITIVES for eqn in tu.jaxpr_equations(jaxpr))
 
 
 # case -> (module factory taking remat, number of blocks counted by hand from the paper layout)

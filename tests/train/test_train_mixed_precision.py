@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from jax.extend import core as jcore
 
 import jaxseg
 from jaxseg.configs import unet_shapes
@@ -31,21 +30,9 @@ BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
 def _primitives(jaxpr, names):
   """Counter of (primitive, operand dtypes) over ``jaxpr`` and every nested jaxpr."""
-  counts = collections.Counter()
-
-  def walk(j):
-    for eqn in j.eqns:
-      if eqn.primitive.name in names:
-        counts[(eqn.primitive.name,) + tuple(str(v.aval.dtype) for v in eqn.invars)] += 1
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else [param]:
-          if isinstance(sub, jcore.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jcore.Jaxpr):
-            walk(sub)
-
-  walk(jaxpr)
-  return counts
+  return collections.Counter(
+      (eqn.primitive.name,) + tuple(str(v.aval.dtype) for v in eqn.invars)
+      for eqn in tu.jaxpr_equations(jaxpr) if eqn.primitive.name in names)
 
 
 def _float_dtypes(tree):
