@@ -1,5 +1,6 @@
 """Training: state, sharded steps, optimizers, checkpoints and the train/eval loops."""
-from jaxseg.train.checkpoint import CheckpointError, Checkpointer
+from jaxseg.train.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer,
+                                     CheckpointWarning)
 from jaxseg.train.optim import make_optimizer, make_schedule
 from jaxseg.train.sharding import make_mesh, prefetch_to_device, replicate, shard_batch
 from jaxseg.train.state import TrainState, create_train_state

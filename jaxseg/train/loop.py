@@ -11,10 +11,12 @@ checkpoints and losses stay float32 either way, so a run can be resumed or evalu
 other dtype. ``config.model_kwargs.remat`` (ResNet/MobileNetV2/VGG backbones, UNet, Mask
 R-CNN) recomputes each block in the backward pass to save activation memory.
 """
+import dataclasses
 import json
 import os
+import tempfile
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +70,61 @@ class MetricWriter:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Write ``workdir/config.json`` atomically (a crash never leaves half a file)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# What makes two configs train the same arrays: remat and dtype change neither the parameters
+# nor the checkpoint, so a run may be resumed with them changed.
+_LAYOUT_FREE_KWARGS = ("remat", "dtype")
+
+
+def model_identity(config) -> Dict[str, Any]:
+  """The part of a config that fixes the checkpoint's arrays: model, its kwargs, dataset."""
+  kwargs = dict(config.get("model_kwargs", None) or {})
+  kwargs = {k: v for k, v in sorted(kwargs.items()) if k not in _LAYOUT_FREE_KWARGS}
+  return {"model": config.get("model", None), "model_kwargs": json.loads(json.dumps(
+      kwargs, default=str)), "dataset": config.get("dataset", None),
+          "builder_kwargs": json.loads(json.dumps(dict(config.get("builder_kwargs", None) or {}),
+                                                  default=str))}
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether ``workdir/checkpoints`` holds at least one step folder (intact or not)."""
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuse a workdir whose checkpoints were written by another model or dataset.
+
+  Raises:
+    ValueError: naming both configurations; nothing in the workdir is changed.
+  """
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  if not has_checkpoints(workdir) or not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return
+  try:
+    saved = load_config(workdir)
+  except (ValueError, OSError):  # unreadable config.json: the restore's array check decides
+    return
+  ours, theirs = model_identity(config), model_identity(saved)
+  if ours != theirs:
+    diff = ", ".join(f"{k}: {theirs[k]!r} there vs {ours[k]!r} here"
+                     for k in ours if ours[k] != theirs[k])
+    raise ValueError(
+        f"workdir {workdir} holds checkpoints of another configuration ({diff}); saved "
+        f"configuration {theirs}, this one {ours}. Use a new --workdir (or remove "
+        f"{ckpt_dir} to start over); nothing was changed")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -295,8 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   when stopped early.
   """
   is_main = jax.process_index() == 0
-  if is_main:
-    save_config(config, workdir)
+  # Everything that can fail on the user's input runs before the first write to the workdir.
   rng = jax.random.key(config.seed)
   train_src = load_split(config, config.train_split)
   eval_src = load_split(config, config.eval_split)
@@ -305,32 +358,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config, num_classes)
   num_steps = int(config.num_steps)
   image_hw = _image_size(config, train_src)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
 
   init_rng, rng = jax.random.split(rng)
   state = initial_state(config, model, num_steps, image_hw, init_rng)
   mesh = sharding.make_mesh()
-  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
-                               max_to_keep=config.keep_checkpoints)
-  start_step = 0
-  if ckpt.latest_step() is None and config.get("pretrained", None):
-    state = load_pretrained(state, model, config.pretrained)
-    if is_main:
-      print(f"backbone initialised from {config.pretrained}", flush=True)
-  if ckpt.latest_step() is not None:
-    state, rng, meta = ckpt.restore(state)
-    start_step = int(meta["data_step"])
-    if is_main:
-      print(f"Resumed from {ckpt.directory}/{meta['step']} (step {start_step}).", flush=True)
-
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
   loss_fn = build_loss(config, train_src)
   pmap = config.get("parallel", "jit") == "pmap"
   train_step = step_lib.make_train_step(
       loss_fn, mesh=mesh, parallel=config.get("parallel", "jit"),
       aux_weight=config.get("aux_weight", 0.4), num_classes=num_classes,
       check_batches=pmap)  # the jit path checks host batches in prefetch_to_device below
+  check_workdir(config, workdir)
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  resuming = has_checkpoints(workdir)
+  if not resuming and config.get("pretrained", None):
+    state = load_pretrained(state, model, config.pretrained)
+    if is_main:
+      print(f"backbone initialised from {config.pretrained}", flush=True)
+  start_step = 0
+  ckpt = None
+  if resuming:
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+    try:
+      state, rng, meta = ckpt.restore(state)
+    except ckpt_lib.CheckpointError:
+      ckpt.manager.close()
+      raise
+    start_step = int(meta["data_step"])
+    if is_main:
+      print(f"Resumed from {ckpt.directory}/{meta['step']} (step {start_step}).", flush=True)
+  if is_main:
+    save_config(config, workdir)
+  if ckpt is None:
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+  run_info = {"model": config.model, "num_classes": num_classes, "class_names": class_names}
+
   state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
   instance = is_instance_model(model)
   if instance:
@@ -387,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pbar.update(1)
       if done % config.checkpoint_every == 0 or done in (num_steps, stop_at_step):
         _check_finite(metrics, done, ckpt)  # never replace a good checkpoint with NaNs
-        ckpt.save(host_state(), rng=rng, data_step=done)
+        ckpt.save(host_state(), rng=rng, data_step=done, extra=run_info)
       if done == stop_at_step:
         break
       if done % config.eval_every == 0 and done < num_steps:
@@ -395,8 +460,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(done, summary, prefix="val/")
         if pbar is not None:
           pbar.write(f"step {done}: val {_headline(summary)}")
-  except FloatingPointError:
-    ckpt.close()  # finish pending saves of the finite states
+  except (FloatingPointError, ckpt_lib.CheckpointError):
+    try:
+      ckpt.close()  # finish pending saves of the finite states
+    except ckpt_lib.CheckpointError:
+      pass  # the error being raised already names the failed save
     raise
   except KeyboardInterrupt:
     # Keep the work done so far: the next run resumes exactly from here. The data position
@@ -404,7 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       done = int(jax.device_get(host_state().step))
       if done > start_step and done != ckpt.latest_step():
-        ckpt.save(host_state(), rng=rng, data_step=done, force=True)
+        ckpt.save(host_state(), rng=rng, data_step=done, extra=run_info, force=True)
     except RuntimeError as e:  # buffers donated to the interrupted step are gone
       print(f"Could not save on interrupt ({e}); resume uses the last checkpoint.", flush=True)
     ckpt.close()
@@ -469,44 +537,112 @@ def _write_eval_outputs(workdir, split, cm, class_names, kept, num_classes, pref
     print(f"Overlays (image | ground truth | prediction): {path}", flush=True)
 
 
+@dataclasses.dataclass
+class RestoredRun:
+  """A trained run loaded from its workdir (:func:`restore_run`).
+
+  Attributes:
+    config: the run's config (with any overrides applied by the caller).
+    model: the flax module, built as the run built it.
+    state: the host :class:`TrainState` of the restored step.
+    step: the checkpoint step restored (the newest intact one unless asked for another).
+    num_classes, class_names: the dataset's classes.
+    meta: the checkpoint's metadata dict.
+    source: the dataset split asked for with ``split=`` (None otherwise).
+  """
+  config: ml_collections.ConfigDict
+  model: Any
+  state: state_lib.TrainState
+  step: int
+  num_classes: int
+  class_names: List[str]
+  meta: Dict[str, Any]
+  source: Any = None
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    """``{"params": ..., "batch_stats": ...}`` for ``model.apply``."""
+    return self.state.variables()
+
+
+def _run_classes(config, ckpt: ckpt_lib.Checkpointer, step: Optional[int], split=None):
+  """(num_classes, class_names, source or None): from the checkpoint's metadata when it has
+  them (runs since the metadata held them), else from the dataset."""
+  for s in ([step] if step is not None else sorted(ckpt.all_steps(), reverse=True)):
+    try:
+      meta = ckpt.read_meta(s)
+    except ckpt_lib.CheckpointError:  # a corrupt step: the restore below names it
+      continue
+    if "num_classes" in meta and split is None:
+      return int(meta["num_classes"]), list(meta["class_names"]), None
+    break
+  src = load_split(config, split or config.eval_split)
+  return src.num_classes, list(src.class_names), src
+
+
+def restore_run(workdir: str, *, config: Optional[ml_collections.ConfigDict] = None,
+                step: Optional[int] = None, split: Optional[str] = None) -> RestoredRun:
+  """Load a training run's model and the newest intact (or the given) checkpoint.
+
+  Read-only: a corrupt newest checkpoint is skipped with a ``CheckpointWarning`` naming it,
+  but not moved.
+  ``split``: also load that split of the dataset (``RestoredRun.source``); without it, runs
+  whose checkpoints record their classes need no dataset files.
+
+  Raises:
+    FileNotFoundError: ``workdir`` or its config.json is missing.
+    CheckpointError: no (intact) checkpoint, or one of another model.
+  """
+  config = load_config(workdir) if config is None else config
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      raise ckpt_lib.CheckpointError(f"no checkpoint in {ckpt.directory}: nothing to restore "
+                                     f"(train first: python train.py --workdir {workdir})")
+    num_classes, class_names, src = _run_classes(config, ckpt, step, split)
+    model = build_model(config, num_classes)
+    size = config.get("crop_size", None) or eval_image_size(config) or (
+        _image_size(config, src) if src is not None else (64, 64))
+    state = initial_state(config, model, int(config.num_steps), tuple(size), jax.random.key(0))
+    state, _, meta = ckpt.restore(state, step=step)
+  finally:
+    ckpt.close()
+  return RestoredRun(config=config, model=model, state=state, step=int(meta["step"]),
+                     num_classes=num_classes, class_names=class_names, meta=meta, source=src)
+
+
 def evaluate_workdir(workdir: str, split: Optional[str] = None, *,
                      config: Optional[ml_collections.ConfigDict] = None,
                      step: Optional[int] = None) -> Dict[str, float]:
-  """Restore the latest (or given) checkpoint of ``workdir`` and score ``split``.
+  """Restore the newest intact (or given) checkpoint of ``workdir`` and score ``split``.
 
-  Prints the per-class IoU table and writes ``eval_<split>_metrics.json`` and
-  ``eval_<split>_overlays.png`` into the workdir. Nothing else on disk is touched.
+  Prints which checkpoint step was evaluated and the per-class IoU table, and writes
+  ``eval_<split>_metrics.json`` and ``eval_<split>_overlays.png`` into the workdir. Nothing
+  else on disk is touched (a corrupt newest checkpoint is skipped with a warning, not moved).
   """
   config = load_config(workdir) if config is None else config
   split = split or config.eval_split
-  src = load_split(config, split)
-  num_classes = src.num_classes
-  model = build_model(config, num_classes)
-  ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), read_only=True)
-  if ckpt.latest_step() is None:
-    raise ckpt_lib.CheckpointError(f"no checkpoint in {ckpt.directory}: nothing to evaluate")
+  run = restore_run(workdir, config=config, step=step, split=split)
+  src = run.source
+  num_classes, model = run.num_classes, run.model
   mesh = sharding.make_mesh()
-  state = initial_state(config, model, int(config.num_steps), _image_size(config, src),
-                        jax.random.key(0))
-  state, _, meta = ckpt.restore(state, step=step)
-  state = sharding.replicate(state, mesh)
+  state = sharding.replicate(run.state, mesh)
+  where = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(run.step))
   if is_instance_model(model):
     summary, kept = evaluate_instances(
         step_lib.make_predict_step(mesh=mesh), state, _eval_batches(config, src, True),
         list(src.class_names), keep_examples=config.get("num_overlays", 8))
     if jax.process_index() == 0:
-      print(f"Checkpoint step {meta['step']} from {ckpt.directory}")
+      print(f"Evaluated checkpoint step {run.step} ({where})")
       _write_instance_outputs(workdir, split, summary, list(src.class_names), kept,
                               prefix="eval_")
-    ckpt.close()
     return summary
   eval_step = step_lib.make_eval_step(num_classes, mesh=mesh, postprocess=make_postprocess(config),
                                       inference=config.get("inference", None))
   cm, kept = evaluate(eval_step, state, _eval_batches(config, src), num_classes,
                       keep_examples=config.get("num_overlays", 8))
   if jax.process_index() == 0:
-    print(f"Checkpoint step {meta['step']} from {ckpt.directory}")
+    print(f"Evaluated checkpoint step {run.step} ({where})")
     _write_eval_outputs(workdir, split, cm, list(src.class_names), kept, num_classes,
                         prefix="eval_")
-  ckpt.close()
   return metrics_lib.summarize(cm, list(src.class_names))
