@@ -96,7 +96,7 @@ def unet_step_time(batch, c, features, repeats):
                                           batch["image"][:1])
   step = jaxseg.train.make_train_step(losses.cross_entropy)
   if hasattr(jaxseg.train, "replicate"):
-    state = jaxseg.train.replicate(state, step.mesh)
+    state = jaxseg.train.replicate_on_mesh(state, step.mesh)
   b = {"image": batch["image"], "mask": batch["mask"]}
   state, m = step(state, b, jax.random.key(0))
   jax.block_until_ready(m)

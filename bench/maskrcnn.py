@@ -78,7 +78,7 @@ def bench_jax(args, batch):
   state = jaxseg.train.create_train_state(jax.random.key(0), model, tx, batch["image"])
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
   step = jaxseg.train.make_train_step(jaxseg.losses.maskrcnn_loss)
-  holder = {"state": jaxseg.train.replicate(state, step.mesh), "i": 0}
+  holder = {"state": jaxseg.train.replicate_on_mesh(state, step.mesh), "i": 0}
   device_batch = jaxseg.train.shard_batch(batch, step.mesh)
 
   def train_once():

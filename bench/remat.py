@@ -55,7 +55,7 @@ def child(args, name: str, remat: bool) -> dict:
   batch = {"image": rng.uniform(size=(args.batch, args.size, args.size, 3)).astype(np.float32),
            "mask": rng.randint(0, NUM_CLASSES, (args.batch, args.size, args.size)).astype(np.int32)}
   train_step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, num_classes=NUM_CLASSES)
-  state = jaxseg.train.replicate(state, train_step.mesh)
+  state = jaxseg.train.replicate_on_mesh(state, train_step.mesh)
   jax.block_until_ready(state)
   rss_before = _rss_mib()
 

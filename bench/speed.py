@@ -209,7 +209,7 @@ def jax_worker(args, name, kwargs):
     if "bf16" not in text:
       raise NotWired(f"bfloat16 not wired in jaxseg for {name}: the builder takes dtype but "
                      "the lowered inference program has no bf16 operation")
-  holder = {"state": jaxseg.train.replicate(state, step.mesh), "i": 0, "metrics": None}
+  holder = {"state": jaxseg.train.replicate_on_mesh(state, step.mesh), "i": 0, "metrics": None}
   del state
 
   def train_once():

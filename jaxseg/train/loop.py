@@ -98,6 +98,21 @@ def model_identity(config) -> Dict[str, Any]:
                                                   default=str))}
 
 
+_POSITIVE_KEYS = ("batch_size", "eval_batch_size", "num_steps", "log_every", "eval_every",
+                  "checkpoint_every", "keep_checkpoints")
+
+
+def check_config_numbers(config) -> None:
+  """A ValueError naming the entry unless every count/interval of the config is an int >= 1."""
+  for key in _POSITIVE_KEYS:
+    value = config.get(key, None)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{key} must be an integer >= 1, got {value!r} "
+                       f"(set --config.{key}=N)")
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether ``workdir/checkpoints`` holds at least one step folder (intact or not)."""
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
@@ -350,6 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   is_main = jax.process_index() == 0
   # Everything that can fail on the user's input runs before the first write to the workdir.
+  check_config_numbers(config)
   rng = jax.random.key(config.seed)
   train_src = load_split(config, config.train_split)
   eval_src = load_split(config, config.eval_split)
@@ -396,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
   run_info = {"model": config.model, "num_classes": num_classes, "class_names": class_names}
 
-  state = step_lib.replicate_state(state) if pmap else sharding.replicate(state, mesh)
+  state = step_lib.pmap_replicate(state) if pmap else sharding.replicate_on_mesh(state, mesh)
   instance = is_instance_model(model)
   if instance:
     eval_step = step_lib.make_predict_step(mesh=mesh)
@@ -417,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return metrics_lib.summarize(cm, class_names), cm, kept
 
   def host_state():
-    return step_lib.unreplicate_state(state) if pmap else state
+    return step_lib.pmap_unreplicate(state)
 
   batches = data_lib.train_batches(
       train_src, batch_size=config.batch_size // jax.process_count(),
@@ -626,7 +642,7 @@ def evaluate_workdir(workdir: str, split: Optional[str] = None, *,
   src = run.source
   num_classes, model = run.num_classes, run.model
   mesh = sharding.make_mesh()
-  state = sharding.replicate(run.state, mesh)
+  state = sharding.replicate_on_mesh(run.state, mesh)
   where = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(run.step))
   if is_instance_model(model):
     summary, kept = evaluate_instances(

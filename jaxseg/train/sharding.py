@@ -1,5 +1,6 @@
 """Meshes and moving host data onto (possibly multi-host) devices."""
 import collections
+import warnings
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -24,8 +25,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def replicate(tree, mesh: Mesh):
-  """Place a host pytree on every device of ``mesh`` (every process holds the same values)."""
+def replicate_on_mesh(tree, mesh: Mesh):
+  """Place a pytree on every device of ``mesh`` as global arrays of the same shapes.
+
+  For the jit step (which does this itself for a state that is not yet on the mesh). Unlike
+  ``jaxseg.train.pmap_replicate`` no axis is added. Every process must hold the same values.
+  """
   sharding = replicated(mesh)
 
   def put(x):
@@ -37,6 +42,13 @@ def replicate(tree, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def replicate(tree, mesh: Mesh):
+  """Deprecated name of :func:`replicate_on_mesh`."""
+  warnings.warn("jaxseg.train.replicate is now replicate_on_mesh (pmap_replicate adds a device "
+                "axis for the pmap step)", DeprecationWarning, stacklevel=2)
+  return replicate_on_mesh(tree, mesh)
 
 
 def shard_batch(batch, mesh: Mesh):

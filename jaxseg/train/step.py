@@ -33,6 +33,7 @@ logits (learnt when the step is first traced).
 """
 import functools
 import inspect
+import warnings
 from typing import Callable, Dict, Optional
 
 import flax
@@ -302,9 +303,12 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       declares a keyword ``step`` (not already bound by a partial; ``**kwargs`` does not
       count) it is called with ``step=state.step``, an int32 scalar array.
     mesh: the data-parallel mesh (``jit`` path); None means all devices of all processes.
-    parallel: ``"jit"`` (sharded jit over ``mesh``) or ``"pmap"``. The pmap step takes and
-      returns a *replicated* state (see :func:`replicate_state`) and a batch whose size is
-      divisible by the local device count.
+    parallel: ``"jit"`` (sharded jit over ``mesh``) or ``"pmap"``. Both steps take the state
+      of ``create_train_state`` (or a restored one) as it is, so switching is this argument
+      alone. The jit step returns a state of the same shapes (replicated on the mesh); the
+      pmap step returns one with a leading local-device axis (:func:`pmap_replicate`), which
+      either step accepts back; :func:`pmap_unreplicate` gives the plain state of either. The
+      pmap batch size must be divisible by the local device count.
     aux_weight: weight of ``loss_fn`` on every ``aux_logits`` sown by the model.
     num_classes: C for the label range check (``mask``/``scribble`` in [0, C) or 255,
       ``box_classes`` in [-1, C)) of every batch, NumPy or device. None: C is the last
@@ -355,6 +359,7 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
     n_dev = jax.local_device_count()
 
     def pmap_train_step(state, batch, rng):
+      state = pmap_replicate(state)  # a no-op for the state this step returned
       # pmap feeds host arrays: device batches come to the host here and are checked there.
       batch = _host_or_sharded(batch, None)
       validate_batch(batch)
@@ -378,8 +383,8 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
   def train_step(state, batch, rng):
     # A host state (``create_train_state``'s, whose step is a Python int) is placed on the
     # mesh here, so the first and later calls share one executable; a replicated state
-    # passes through untouched.
-    state = shd.replicate(state, mesh)
+    # passes through untouched, and a pmap step's state loses its device axis.
+    state = shd.replicate_on_mesh(pmap_unreplicate(state), mesh)
     batch = _host_or_sharded(batch, shd.data_sharding(mesh))
     if check_batches:
       validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
@@ -393,13 +398,21 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
   return train_step
 
 
-def replicate_state(state):
-  """Add the leading device axis the pmap step expects.
+def _has_device_axis(state) -> bool:
+  """Whether ``state`` carries pmap's leading device axis (its ``step`` is then [D])."""
+  return np.ndim(getattr(state, "step", 0)) == 1
 
-  The copies carry the sharding of the pmap step's outputs (the local devices on a
-  ``batch`` axis), so the second step reuses the first one's executable; the arrays of
-  ``flax.jax_utils.replicate`` name their axis differently and cost a second compile.
+
+def pmap_replicate(state):
+  """Add the leading local-device axis the pmap step works on (a no-op if it is there).
+
+  Unlike :func:`jaxseg.train.replicate_on_mesh` (same shapes, for jit) every leaf gets a
+  leading axis of ``jax.local_device_count()``. The copies carry the sharding of the pmap
+  step's outputs, so the second step reuses the first one's executable (the arrays of
+  ``flax.jax_utils.replicate`` name their axis differently and cost a second compile).
   """
+  if _has_device_axis(state):
+    return state
   devices = jax.local_devices()
   sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
@@ -412,9 +425,25 @@ def replicate_state(state):
   return jax.tree.map(put, state)
 
 
-def unreplicate_state(state):
-  """Take device 0's copy of a pmap-replicated state."""
+def pmap_unreplicate(state):
+  """Device 0's copy of a state with pmap's device axis; any other state as it is."""
+  if not _has_device_axis(state):
+    return state
   return flax.jax_utils.unreplicate(state)
+
+
+def replicate_state(state):
+  """Deprecated name of :func:`pmap_replicate`."""
+  warnings.warn("jaxseg.train.replicate_state is now pmap_replicate (and the pmap step "
+                "replicates a plain state itself)", DeprecationWarning, stacklevel=2)
+  return pmap_replicate(state)
+
+
+def unreplicate_state(state):
+  """Deprecated name of :func:`pmap_unreplicate`."""
+  warnings.warn("jaxseg.train.unreplicate_state is now pmap_unreplicate", DeprecationWarning,
+                stacklevel=2)
+  return pmap_unreplicate(state)
 
 
 def eval_logits(state: TrainState, images):

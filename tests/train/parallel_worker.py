@@ -77,10 +77,10 @@ def run_weak(out):
       try:
         if mode == "jit":
           step = jaxseg.train.make_train_step(loss_fn, mesh=jaxseg.train.make_mesh())
-          state = jaxseg.train.replicate(init, step.mesh)
+          state = jaxseg.train.replicate_on_mesh(init, step.mesh)
         else:
           step = jaxseg.train.make_train_step(loss_fn, parallel="pmap")
-          state = jaxseg.train.replicate_state(init)
+          state = jaxseg.train.pmap_replicate(init)
         values = []
         for i, batch in enumerate(weak_batches()):
           state, metrics = step(state, batch, jax.random.key(i))
@@ -88,7 +88,7 @@ def run_weak(out):
       finally:
         _common.batch_sharded_over = real
       if mode != "jit":
-        state = jaxseg.train.unreplicate_state(state)
+        state = jaxseg.train.pmap_unreplicate(state)
       arrays.update({f"{name}|{mode}|{k}": v for k, v in _flat(state).items()})
       arrays[f"{name}|{mode}|__losses__"] = np.asarray(values)
   np.savez(out, **arrays)
@@ -126,7 +126,7 @@ def run_maskrcnn(out):
                                             batches[0]["image"])
     if mode.startswith("pmap"):
       step = jaxseg.train.make_train_step(jaxseg.losses.maskrcnn_loss, parallel="pmap")
-      state = jaxseg.train.replicate_state(state)
+      state = jaxseg.train.pmap_replicate(state)
     else:
       devices = jax.devices()[:1] if mode == "single" else jax.devices()
       step = jaxseg.train.make_train_step(jaxseg.losses.maskrcnn_loss,
@@ -136,7 +136,7 @@ def run_maskrcnn(out):
       state, metrics = step(state, batch, jax.random.key(i))
       values.append(float(jax.device_get(metrics["loss"])))
     if mode.startswith("pmap"):
-      state = jaxseg.train.unreplicate_state(state)
+      state = jaxseg.train.pmap_unreplicate(state)
     arrays.update({f"{mode}|{k}": v for k, v in _flat(state).items()})
     arrays[f"{mode}|__losses__"] = np.asarray(values)
   np.savez(out, **arrays)
@@ -162,22 +162,19 @@ def run(mode, out, process_id=0, num_processes=1, port=0):
   state = jaxseg.train.create_train_state(jax.random.key(0), model, optax.sgd(0.1, momentum=0.9),
                                           np.zeros((1, SIZE, SIZE, 3), np.float32))
   loss_fn = jaxseg.losses.cross_entropy
+  # Both steps take create_train_state's state as it is: switching is the `parallel` argument.
   if mode == "pmap":
     step = jaxseg.train.make_train_step(loss_fn, parallel="pmap")
-    state = jaxseg.train.replicate_state(state)
   else:
     devices = jax.devices()[:1] if mode == "single" else jax.devices()
-    mesh = jaxseg.train.make_mesh(devices)
-    step = jaxseg.train.make_train_step(loss_fn, mesh=mesh)
-    state = jaxseg.train.replicate(state, mesh)
+    step = jaxseg.train.make_train_step(loss_fn, mesh=jaxseg.train.make_mesh(devices))
   per_process = GLOBAL_BATCH // num_processes
   losses = []
   for i, batch in enumerate(global_batches()):
     local = {k: v[process_id * per_process:(process_id + 1) * per_process] for k, v in batch.items()}
     state, metrics = step(state, local, jax.random.key(i))
     losses.append(float(jax.device_get(metrics["loss"])))
-  if mode == "pmap":
-    state = jaxseg.train.unreplicate_state(state)
+  state = jaxseg.train.pmap_unreplicate(state)  # a no-op for the jit steps' states
   tree = {"params": state.params, "batch_stats": state.batch_stats}
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
   arrays = {k: np.asarray(v.addressable_data(0)) for k, v in flat.items()}

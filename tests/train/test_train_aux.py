@@ -43,7 +43,7 @@ def run():
   out = {"model": model, "batch": batch, "state": state, "rng": rng}
   step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, aux_weight=AUX_WEIGHT,
                                       num_classes=3, donate=False)
-  out[AUX_WEIGHT] = step(jaxseg.train.replicate(state, step.mesh), batch, rng)
+  out[AUX_WEIGHT] = step(jaxseg.train.replicate_on_mesh(state, step.mesh), batch, rng)
   pure = functools.partial(jaxseg.train.step.train_step_fn, loss_fn=jaxseg.losses.cross_entropy,
                            aux_weight=0.0)
   out[0.0] = jax.jit(pure, compiler_options=FAST_COMPILE)(

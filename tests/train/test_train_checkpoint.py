@@ -23,7 +23,7 @@ def _trained_state():
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((2, 16, 16, 3), dtype=np.float32),
            "mask": rng.integers(0, 3, (2, 16, 16)).astype(np.int32)}
-  state, _ = step(jaxseg.train.replicate(state, step.mesh), batch, jax.random.key(0))
+  state, _ = step(jaxseg.train.replicate_on_mesh(state, step.mesh), batch, jax.random.key(0))
   return state
 
 

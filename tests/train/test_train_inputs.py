@@ -13,7 +13,7 @@ def setup():
   state = jaxseg.train.create_train_state(jax.random.key(0), model, optax.sgd(0.1),
                                           np.zeros((1, 16, 16, 3), np.float32))
   step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, num_classes=3, donate=False)
-  return jaxseg.train.replicate(state, step.mesh), step
+  return jaxseg.train.replicate_on_mesh(state, step.mesh), step
 
 
 def _batch(**over):

@@ -44,8 +44,8 @@ def _batch(**over):
 def _place(state, parallel, **kw):
   step = jaxseg.train.make_train_step(kw.pop("loss"), parallel=parallel, **kw)
   if parallel == "pmap":
-    return jaxseg.train.replicate_state(state), step
-  return jaxseg.train.replicate(state, step.mesh), step
+    return jaxseg.train.pmap_replicate(state), step
+  return jaxseg.train.replicate_on_mesh(state, step.mesh), step
 
 
 # --- which losses declare `step` ------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_losses_not_declaring_step_are_called_without_it(state, parallel):
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_step_traced_once(state, parallel):
   """Inferring C for the label check reuses the step's trace, and the replicated state of
-  replicate_state matches the pmap step's outputs: one trace (and compile) for 3 steps."""
+  pmap_replicate matches the pmap step's outputs: one trace (and compile) for 3 steps."""
   traces = []
 
   def loss(logits, batch):
@@ -156,7 +156,7 @@ def test_warmup_loss_ramps_with_state_step(state):
                      ("full", jaxseg.losses.get("scribble_loss", **kw))]:
     train_step = jaxseg.train.make_train_step(loss, donate=False)
     for at in (0, 4):
-      st = jaxseg.train.replicate(state.replace(step=jnp.int32(at)), train_step.mesh)
+      st = jaxseg.train.replicate_on_mesh(state.replace(step=jnp.int32(at)), train_step.mesh)
       results[name, at] = float(train_step(st, batch, jax.random.key(0))[1]["loss"])
   assert results["warm", 0] == pytest.approx(results["pce", 0], rel=1e-6)
   assert results["warm", 4] == pytest.approx(results["full", 4], rel=1e-6)
@@ -213,3 +213,34 @@ def test_sharded_device_batch_checked_on_device(state):
   # (<= 1: in one full-suite run the C++ fast-path cache held no entry here, 0, while the
   # file alone gives 1; a second compile would show as 2.)
   assert train_step.jitted._cache_size() <= 1
+
+
+def test_jit_and_pmap_steps_take_the_same_state(state):
+  """create_train_state's state goes to either step unchanged; each accepts the other's output
+  (pmap's carries a device axis) and pmap_unreplicate gives the plain state of both."""
+  batch, rng = _batch(), jax.random.key(3)
+  jit_step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, donate=False)
+  pmap_step = jaxseg.train.make_train_step(jaxseg.losses.cross_entropy, parallel="pmap",
+                                           donate=False)
+  a, _ = jit_step(state, batch, rng)
+  b, _ = pmap_step(state, batch, rng)
+  assert np.ndim(b.step) == 1 and np.ndim(a.step) == 0
+  b = jaxseg.train.pmap_unreplicate(b)
+  assert jaxseg.train.pmap_unreplicate(a) is a
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  # Handing each step's output to the other continues training from it.
+  a2, _ = pmap_step(a, batch, rng)
+  b2, _ = jit_step(pmap_step(b, batch, rng)[0], batch, rng)
+  assert int(jaxseg.train.pmap_unreplicate(a2).step) == 2 and int(b2.step) == 3
+  assert not np.allclose(np.asarray(jax.tree.leaves(b2.params)[0]),
+                         np.asarray(jax.tree.leaves(b.params)[0]))
+
+
+def test_old_replicate_names_warn_and_still_work(state):
+  with pytest.warns(DeprecationWarning, match="replicate_on_mesh"):
+    jaxseg.train.replicate(state, jaxseg.train.make_mesh())
+  with pytest.warns(DeprecationWarning, match="pmap_replicate"):
+    rep = jaxseg.train.replicate_state(state)
+  with pytest.warns(DeprecationWarning, match="pmap_unreplicate"):
+    assert int(jaxseg.train.unreplicate_state(rep).step) == 0
