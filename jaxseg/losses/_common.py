@@ -1,10 +1,14 @@
 """Input checks and small pieces shared by the weak-supervision losses."""
 import contextlib
 import contextvars
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.constants import IGNORE_INDEX
 
 # The mapped axis over which a batch is split while a loss is traced (set by the pmap train
 # step); None under jit, where the loss sees the global batch.
@@ -23,6 +27,32 @@ def batch_sharded_over(axis_name: Optional[str]):
     yield
   finally:
     _SHARD_AXIS.reset(token)
+
+
+# True while the caller vouches that the labels a loss reads are in range (see labels_checked).
+_LABELS_CHECKED: contextvars.ContextVar = contextvars.ContextVar("jaxseg_labels_checked",
+                                                                 default=False)
+
+
+@contextlib.contextmanager
+def labels_checked():
+  """Within this block, losses skip their label-range check (:func:`check_label_values`).
+
+  For callers that have checked the labels already: the trainer validates every batch on the
+  host before its step and traces the step inside this block, so the step's program holds no
+  range reduction and no host callback; losses that build labels themselves (E-steps,
+  pseudo-labels, all in range by construction) call ``cross_entropy`` inside it. Shapes and
+  dtypes are still checked.
+
+  The flag is read while a function is traced, and ``jax.jit`` caches traces by function: a
+  function first jitted inside the block keeps its unchecked trace outside it (and the other
+  way round), so trace a step function that should skip the check inside it, always.
+  """
+  token = _LABELS_CHECKED.set(True)
+  try:
+    yield
+  finally:
+    _LABELS_CHECKED.reset(token)
 
 
 def global_mean(total: jax.Array, count: jax.Array, *, min_count: float = 1e-12) -> jax.Array:
@@ -94,13 +124,122 @@ def get_valid(batch, shape, where: str) -> jax.Array:
   return jnp.asarray(valid).astype(jnp.float32)
 
 
-def check_labels(labels, shape, key: str, where: str) -> jax.Array:
+def bad_labels(labels, num_classes: int, *, low: int = 0,
+               ignore_index: Optional[int] = IGNORE_INDEX):
+  """Bool mask of ``labels`` (NumPy or jnp, any integer dtype) outside the valid set.
+
+  The valid set is ``[low, num_classes)`` plus ``ignore_index`` (None: no ignore value).
+  """
+  if getattr(labels.dtype, "kind", "i") == "u":  # -1 does not compare with unsigned arrays
+    labels = labels.astype(np.int64) if isinstance(labels, np.ndarray) else labels.astype(
+        jnp.int32)
+  bad = (labels < low) | (labels >= num_classes)
+  return bad if ignore_index is None else bad & (labels != ignore_index)
+
+
+def valid_label_text(num_classes: int, *, low: int = 0,
+                     ignore_index: Optional[int] = IGNORE_INDEX) -> str:
+  """The valid set of :func:`bad_labels` in words: ``[0, 3) (255 is the only ignore value)``."""
+  text = f"[{low}, {num_classes})"
+  if ignore_index is not None:
+    return f"{text} ({ignore_index} is the only ignore value)"
+  return f"{text} ({low} = padding)" if low < 0 else text
+
+
+def label_error(name: str, where: str, labels: np.ndarray, num_classes: int, *, low: int = 0,
+                ignore_index: Optional[int] = IGNORE_INDEX, hint: Optional[str] = None) -> str:
+  """The message naming ``name``, up to 8 of its bad values, how many and the valid set."""
+  bad = bad_labels(labels, num_classes, low=low, ignore_index=ignore_index)
+  values = np.unique(labels[bad])[:8].tolist()
+  if hint is None:
+    hint = (f"the logits have {num_classes} classes: give unlabelled or void pixels "
+            f"{ignore_index} and make num_classes cover every class id")
+  return (f"{where}: {name} has labels {values} outside "
+          f"{valid_label_text(num_classes, low=low, ignore_index=ignore_index)} "
+          f"(in {int(np.count_nonzero(bad))} of {labels.size} entries); {hint}")
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "low", "ignore_index"))
+def _count_bad(labels, num_classes, low, ignore_index):
+  return jnp.sum(bad_labels(labels, num_classes, low=low, ignore_index=ignore_index),
+                 dtype=jnp.int32)
+
+
+def _host_values(labels) -> np.ndarray:
+  """This process's entries of a NumPy array or ``jax.Array`` (all of them on one host)."""
+  if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
+    return np.concatenate([np.asarray(s.data).ravel() for s in labels.addressable_shards])
+  return np.asarray(labels)
+
+
+def check_label_values(labels, num_classes: int, name: str, where: str, *, low: int = 0,
+                       ignore_index: Optional[int] = IGNORE_INDEX,
+                       hint: Optional[str] = None) -> None:
+  """Raises ValueError unless every entry of ``labels`` is in ``[low, num_classes)`` or is
+  ``ignore_index``; the message is :func:`label_error`'s.
+
+  Concrete labels (NumPy, ``jax.Array``) are checked now: NumPy on the host, a ``jax.Array``
+  by a jitted count whose scalar is fetched (the values are copied to the host only when some
+  are bad). Traced labels (a loss inside the caller's ``jax.jit``) get an in-graph count and,
+  only when it is non-zero, a ``jax.debug.callback`` that raises the same ValueError on the
+  host; the jitted call then fails with a ``JaxRuntimeError`` whose text holds the message.
+  Skipped inside :func:`labels_checked`.
+
+  Args:
+    labels: integer array of any shape.
+    num_classes: C; valid ids are below it.
+    name: how the message names the array, e.g. ``"batch['mask']"``.
+    where: the function being called (message prefix).
+    low: the smallest valid id (-1 where -1 pads, as ``box_classes``).
+    ignore_index: the one value outside the range that is allowed; None for none.
+    hint: the fix the message suggests (default: about ignore values and num_classes).
+  """
+  if _LABELS_CHECKED.get() or not labels.size:
+    return
+  spec = dict(low=low, ignore_index=ignore_index, hint=hint)
+
+  def fail(host_labels):
+    # Under vmap the cond becomes a select and this runs on every call: raise only when bad.
+    host_labels = np.asarray(host_labels)
+    if bad_labels(host_labels, num_classes, low=low, ignore_index=ignore_index).any():
+      raise ValueError(label_error(name, where, host_labels, num_classes, **spec))
+
+  if isinstance(labels, jax.core.Tracer):
+    count = jnp.sum(bad_labels(labels, num_classes, low=low, ignore_index=ignore_index),
+                    dtype=jnp.int32)
+    jax.lax.cond(count > 0, lambda x: jax.debug.callback(fail, x), lambda x: None, labels)
+    return
+  if isinstance(labels, jax.Array):
+    count = _count_bad(labels, num_classes, low, ignore_index)
+    if not int(np.asarray(count.addressable_data(0))):
+      return
+  fail(_host_values(labels))
+
+
+def check_labels(labels, shape, key: str, where: str, *, num_classes: Optional[int] = None,
+                 ignore_index: Optional[int] = IGNORE_INDEX,
+                 name: Optional[str] = None) -> jax.Array:
+  """``batch[key]`` checked and as int32: shape ``shape``, an integer dtype and, when
+  ``num_classes`` is given, values in ``[0, num_classes)`` or ``ignore_index``
+  (:func:`check_label_values`). ``name`` replaces ``batch[key]`` in the messages.
+
+  Raises:
+    ValueError: wrong shape or out-of-range values.
+    TypeError: not an array, or a non-integer dtype (float or bool masks).
+  """
+  name = f"batch[{key!r}]" if name is None else name
+  if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+    raise TypeError(f"{where}: {name} must be an integer array, got "
+                    f"{type(labels).__name__}")
   if tuple(labels.shape) != tuple(shape):
-    raise ValueError(f"{where}: batch[{key!r}] must have shape {tuple(shape)}, "
-                     f"got {tuple(labels.shape)}")
+    raise ValueError(f"{where}: {name} must have shape {tuple(shape)}, "
+                     f"got {tuple(labels.shape)} (does not match the logits' [N,H,W])")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{where}: batch[{key!r}] must hold integer class ids, "
-                    f"got dtype {labels.dtype}")
+    raise TypeError(f"{where}: {name} must hold integer class ids, got dtype "
+                    f"{labels.dtype}; convert with .astype(np.int32) (resize label maps with "
+                    "nearest-neighbour interpolation, never bilinear)")
+  if num_classes is not None:
+    check_label_values(labels, num_classes, name, where, ignore_index=ignore_index)
   return jnp.asarray(labels, jnp.int32)
 
 

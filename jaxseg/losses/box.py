@@ -58,6 +58,11 @@ def _get_boxes(batch, logits, where):
                      f"got {tuple(classes.shape)}")
   if not jnp.issubdtype(classes.dtype, jnp.integer):
     raise TypeError(f"{where}: batch['box_classes'] must be integer, got {classes.dtype}")
+  c = logits.shape[-1]
+  _common.check_label_values(classes, c, "batch['box_classes']", where, low=-1,
+                             ignore_index=None,
+                             hint=f"the logits have {c} classes: box classes must be class ids "
+                             "below it, and padding slots -1")
   return jnp.asarray(boxes, jnp.float32), jnp.asarray(classes, jnp.int32)
 
 
@@ -535,8 +540,9 @@ def boxinst_loss(logits, batch, *, pairwise_weight: float = 1.0, color_threshold
                              where=where)
   loss = proj + ramp * pairwise_weight * pair
   if label_set_weight:
-    loss = loss + label_set_weight * box_label_set_nll(
-        logits, batch, background_class=background_class, where=where)
+    with _common.labels_checked():  # boxinst_terms checked the box classes
+      loss = loss + label_set_weight * box_label_set_nll(
+          logits, batch, background_class=background_class, where=where)
   return loss
 
 
@@ -608,9 +614,10 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
       keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
       raise ValueError(f"{where} needs batch['box_seg']; the batch has keys {keys}. "
                        + _BOX_SEG_HELP)
-    labels = _common.check_labels(batch["box_seg"], (n, h, w), "box_seg", where)
-    loss = cross_entropy(logits, {"box_seg": labels, "valid": valid > 0},
-                         class_weights=class_weights, label_key="box_seg")
+    labels = _common.check_labels(batch["box_seg"], (n, h, w), "box_seg", where, num_classes=c)
+    with _common.labels_checked():
+      loss = cross_entropy(logits, {"box_seg": labels, "valid": valid > 0},
+                           class_weights=class_weights, label_key="box_seg")
   elif mode == "bbox_soft":
     boxes, classes = _get_boxes(batch, logits, where)
     _check_bbox_seg_settings(where, erode_scale, None)
@@ -633,7 +640,8 @@ def box_loss(logits: jax.Array, batch: dict, *, mode: str = "em_fixed",
                                      fg_portion=fg_portion, num_iter=num_iter,
                                      background_class=background_class)
     targets = {"mask": labels, "valid": valid > 0}
-    loss = cross_entropy(logits, targets, class_weights=class_weights)
+    with _common.labels_checked():  # E-step labels are in [0, C) by construction
+      loss = cross_entropy(logits, targets, class_weights=class_weights)
   if crf_weight:
     ramp = _common.warmup_factor(batch, step, warmup_steps, where)
     loss = loss + ramp * crf_weight * crf.crf_pairwise(logits, batch, **dict(crf_kwargs or {}))

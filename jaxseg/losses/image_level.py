@@ -472,8 +472,9 @@ def image_level_loss(logits: jax.Array, batch: dict, *,
     labels = em_adapt_targets(pooled, tags, pooled_valid, bg_portion=bg_portion,
                               fg_portion=fg_portion, num_iter=num_iter,
                               background_class=background_class)
-    return cross_entropy(pooled, {"mask": labels, "valid": pooled_valid > 0},
-                         class_weights=class_weights)
+    with _common.labels_checked():  # E-step labels are in [0, C) by construction
+      return cross_entropy(pooled, {"mask": labels, "valid": pooled_valid > 0},
+                           class_weights=class_weights)
   large = _common.require(batch, "tags_large", where) if size_constraint else None
   p, _ = constrained_posterior(pooled, tags, valid=pooled_valid, fg_lower=fg_lower,
                                bg_lower=bg_lower, bg_upper=bg_upper, fg_slack=fg_slack,

@@ -148,6 +148,14 @@ def _roi_terms(outputs):
     if array.shape[-1] != 4:
       raise ValueError(f"{_WHERE}: outputs[{name!r}] must be [N, S, 4] (or [N, S, C, 4] for "
                        f"box_deltas), got {array.shape}")
+  # The model copies the gt classes (batch['box_classes']) into roi_labels; one >= C would be
+  # clipped below into a silently wrong class.
+  _common.check_label_values(
+      jnp.where(valid, labels, 0), num_classes, "outputs['roi_labels']", _WHERE,
+      ignore_index=None,
+      hint=f"class_logits have {num_classes} classes; roi_labels are the sampled RoIs' gt "
+      "classes: keep batch['box_classes'] in 1..C-1 with -1 on padding "
+      "(jaxseg.models.maskrcnn.check_target_values)")
   count = jnp.sum(valid, dtype=jnp.float32)
   safe = jnp.clip(labels, 0, num_classes - 1)
   log_z = jax.nn.logsumexp(jnp.where(valid[..., None], logits, 0.0), axis=-1)

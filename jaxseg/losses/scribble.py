@@ -91,7 +91,8 @@ def scribble_loss(logits: jax.Array, batch: dict, *,
   where = "scribble_loss"
   logits = _common.check_logits(logits, where)
   scribble = _common.require(batch, "scribble", where)
-  _common.check_labels(scribble, logits.shape[:3], "scribble", where)
+  _common.check_labels(scribble, logits.shape[:3], "scribble", where,
+                       num_classes=logits.shape[-1])
   if balance not in _BALANCE:
     raise ValueError(f"{where}: unknown balance {balance!r}; valid: {', '.join(_BALANCE)}")
   if pairwise_weight is None:
@@ -109,11 +110,16 @@ def scribble_loss(logits: jax.Array, batch: dict, *,
                             max_grid_cells=max_grid_cells)
 
   if balance != "gradient":
-    return unary_fn(logits) + ramp * pairwise_weight * pairwise_fn(
+    with _common.labels_checked():  # the scribbles were checked above
+      unary = unary_fn(logits)
+    return unary + ramp * pairwise_weight * pairwise_fn(
         logits, normalize=balance == "kernel_mass")
   # The pairwise backward pass is cheap (its custom_vjp keeps the forward filtering), so the
-  # two gradients cost little more than the loss's own backward pass.
-  unary, grad_unary = jax.value_and_grad(unary_fn)(logits)
+  # two gradients cost little more than the loss's own backward pass. With no scribbled pixel
+  # pCE's gradient is 0, so the ratio and the loss are 0: the pairwise term alone would pull
+  # the network to a constant labelling.
+  with _common.labels_checked():
+    unary, grad_unary = jax.value_and_grad(unary_fn)(logits)
   pairwise, grad_pairwise = jax.value_and_grad(pairwise_fn)(logits)
   ratio = _l1(grad_unary) / jnp.maximum(_l1(grad_pairwise), 1e-12)
   return unary + ramp * pairwise_weight * jax.lax.stop_gradient(ratio) * pairwise
@@ -152,7 +158,7 @@ def scribble_pseudo_labels(logits: jax.Array, batch: dict, *,
   where = "scribble_pseudo_labels"
   logits = jax.lax.stop_gradient(_common.check_logits(logits, where))
   scribble = _common.check_labels(_common.require(batch, "scribble", where), logits.shape[:3],
-                                  "scribble", where)
+                                  "scribble", where, num_classes=logits.shape[-1])
   image = _common.get_image(batch, logits, where)
   n, h, w, c = logits.shape
   valid = _common.get_valid(batch, (n, h, w), where)
@@ -198,4 +204,5 @@ def scribble_em_loss(logits: jax.Array, batch: dict, *,
   targets = {"mask": labels}
   if "valid" in batch:
     targets["valid"] = batch["valid"]
-  return cross_entropy(logits, targets, class_weights=class_weights)
+  with _common.labels_checked():  # in [0, C) or 255 by construction
+    return cross_entropy(logits, targets, class_weights=class_weights)

@@ -18,15 +18,32 @@ def pixel_nll(logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNOR
 
   Args:
     logits: float [N,H,W,C].
-    labels: int [N,H,W]; ``ignore_index`` marks unlabelled pixels.
+    labels: int [N,H,W] in [0, C); ``ignore_index`` marks unlabelled pixels.
 
   Returns:
     (nll float32 [N,H,W] with 0 at ignored pixels, labelled bool [N,H,W]).
+
+  Raises:
+    TypeError: non-integer labels (a float mask).
+    ValueError: mismatched shapes or labels outside [0, C) other than ``ignore_index`` (see
+      :func:`jaxseg.losses._common.check_label_values`, also under ``jax.jit``).
   """
-  if logits.ndim != 4:
-    raise ValueError(f"logits must be [N,H,W,C], got shape {logits.shape}")
-  if labels.shape != logits.shape[:3]:
-    raise ValueError(f"labels shape {labels.shape} does not match logits {logits.shape[:3]}")
+  _check_logits(logits)
+  if not hasattr(labels, "shape") or tuple(labels.shape) != tuple(logits.shape[:3]):
+    raise ValueError(f"labels shape {getattr(labels, 'shape', None)} does not match logits "
+                     f"{logits.shape[:3]}")
+  labels = _common.check_labels(labels, logits.shape[:3], "labels", "pixel_nll",
+                                num_classes=logits.shape[-1], ignore_index=ignore_index,
+                                name="labels")
+  return _pixel_nll(logits, labels, ignore_index)
+
+
+def _check_logits(logits):
+  if not hasattr(logits, "ndim") or logits.ndim != 4:
+    raise ValueError(f"logits must be [N,H,W,C], got shape {getattr(logits, 'shape', None)}")
+
+
+def _pixel_nll(logits, labels, ignore_index):
   labelled = labels != ignore_index
   safe = jnp.where(labelled, labels, 0).astype(jnp.int32)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -34,12 +51,15 @@ def pixel_nll(logits: jax.Array, labels: jax.Array, *, ignore_index: int = IGNOR
   return jnp.where(labelled, nll, 0.0), labelled
 
 
-def _weighted_mean(nll, labelled, labels, batch, class_weights):
+def _weighted_mean(nll, labelled, labels, batch, class_weights, num_classes, where):
   weight = labelled.astype(jnp.float32)
   if "valid" in batch:
     weight = weight * batch["valid"].astype(jnp.float32)
   if class_weights is not None:
     cw = jnp.asarray(class_weights, jnp.float32)
+    if cw.shape != (num_classes,):
+      raise ValueError(f"{where}: class_weights must have one weight per class, shape "
+                       f"({num_classes},), got {cw.shape}")
     weight = weight * cw[jnp.where(labelled, labels, 0)]
   # Normalised by the weight of the global batch, also under the pmap step where this shard
   # may hold few labelled pixels; a batch with no labelled pixel gives 0 rather than NaN.
@@ -64,11 +84,26 @@ def cross_entropy(logits: jax.Array, batch: dict, *,
     label_key: which batch entry holds the labels.
 
   Returns:
-    float32 scalar.
+    float32 scalar; 0 (with zero gradients) when no pixel is labelled and valid.
+
+  Raises:
+    TypeError: non-integer labels (a float mask).
+    ValueError: a missing label key, wrong shapes, ``class_weights`` not of length C, or labels
+      outside [0, C) other than ``ignore_index``. Out-of-range labels are also caught inside
+      ``jax.jit`` (a host callback; the call fails with a ``JaxRuntimeError`` holding the
+      message) unless traced inside :func:`jaxseg.losses._common.labels_checked`.
   """
-  labels = batch[label_key]
-  nll, labelled = pixel_nll(logits, labels, ignore_index=ignore_index)
-  return _weighted_mean(nll, labelled, labels, batch, class_weights)
+  return _cross_entropy(logits, batch, class_weights, ignore_index, label_key, "cross_entropy")
+
+
+def _cross_entropy(logits, batch, class_weights, ignore_index, label_key, where):
+  _check_logits(logits)
+  labels = _common.check_labels(_common.require(batch, label_key, where), logits.shape[:3],
+                                label_key, where, num_classes=logits.shape[-1],
+                                ignore_index=ignore_index)
+  nll, labelled = _pixel_nll(logits, labels, ignore_index)
+  return _weighted_mean(nll, labelled, labels, batch, class_weights, logits.shape[-1],
+                        where)
 
 
 def partial_cross_entropy(logits: jax.Array, batch: dict, *,
@@ -87,8 +122,8 @@ def partial_cross_entropy(logits: jax.Array, batch: dict, *,
   Returns:
     float32 scalar.
   """
-  return cross_entropy(logits, batch, class_weights=class_weights,
-                       ignore_index=ignore_index, label_key=label_key)
+  return _cross_entropy(logits, batch, class_weights, ignore_index, label_key,
+                        "partial_cross_entropy")
 
 
 def median_frequency_weights(masks, num_classes: int, *, ignore_index: int = IGNORE_INDEX):

@@ -70,27 +70,112 @@ def torch_bias_init(fan_in: int):
 # Input handling
 # ----------------------------------------------------------------------------
 
+# Largest and smallest pixel value accepted as RGB in [0, 1]. Augmentation that adds noise or
+# jitters contrast without clipping overshoots [0, 1] by a few tenths at most; a 0-255 image
+# reaches far beyond 1.5 unless it is almost black, and a mean/std-normalised one goes down
+# to about -2 (ImageNet statistics), far below -0.5.
+IMAGE_MAX = 1.5
+IMAGE_MIN = -0.5
+
+
+def _channel_hint(shape) -> str:
+  """The likely cause of a [N,H,W,C] shape with C != 3, and its fix."""
+  if shape[1] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+    return ("; this looks channels-first (NCHW): the models take channels-last [N,H,W,3]; "
+            "transpose with x.transpose(0, 2, 3, 1)")
+  if shape[-1] == 1:
+    return ("; 1 channel looks grayscale: repeat it to 3 channels with "
+            "np.repeat(x, 3, axis=-1)")
+  if shape[-1] == 4:
+    return "; 4 channels look RGBA: drop alpha with x[..., :3]"
+  return ""
+
+
 def check_images(images, model_name: str, *, min_size: int = 1):
-  """Validates model input: float [N,H,W,3], H and W at least ``min_size``.
+  """Validates model input: float [N,H,W,3] RGB in [0, 1], H and W at least ``min_size``.
+
+  Shapes and dtypes are checked always (also while tracing). Values are checked only when
+  ``images`` is concrete (a NumPy array or a ``jax.Array``, not a tracer; see
+  :func:`check_image_values`): under ``jax.jit`` / ``jax.export`` they are unknown, so the
+  trainer checks its host batches (``jaxseg.train.state.check_images``) before each step.
+
+  Args:
+    images: [N,H,W,3] floating point, RGB in [0, 1].
+    model_name: prefix of the error messages.
+    min_size: smallest accepted H and W.
 
   Raises:
-    TypeError: non-floating dtype (e.g. uint8 images that were not scaled to [0,1]).
-    ValueError: wrong rank, channel count or a too small spatial size.
+    TypeError: not an array, or a non-floating dtype (e.g. uint8 images not scaled to [0,1]).
+    ValueError: wrong rank, channel count (NCHW, grayscale and RGBA say how to convert), a too
+      small spatial size, or (concrete arrays) NaN/inf, 0-255 or mean/std-normalised values.
   """
   shape = getattr(images, "shape", None)
   if shape is None:
     raise TypeError(f"{model_name}: images must be an array, got {type(images).__name__}")
+  shape = tuple(shape)
   if len(shape) != 4:
-    raise ValueError(f"{model_name}: images must have rank 4 [N,H,W,3], got shape {tuple(shape)}")
+    hint = "; add the batch axis with x[None]" if len(shape) == 3 and shape[-1] == 3 else ""
+    raise ValueError(f"{model_name}: images must have rank 4 [N,H,W,3], got shape "
+                     f"{shape}{hint}")
   if shape[-1] != 3:
-    raise ValueError(f"{model_name}: images must be RGB with 3 channels last [N,H,W,3], "
-                     f"got shape {tuple(shape)}")
+    raise ValueError(f"{model_name}: images must have 3 (RGB) channels last [N,H,W,3] "
+                     f"(3 channels, not {shape[-1]}), got shape {shape}{_channel_hint(shape)}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise TypeError(f"{model_name}: images must be floating point RGB in [0, 1], got dtype "
-                    f"{images.dtype} (convert uint8 with images.astype(np.float32) / 255)")
+    raise TypeError(f"{model_name}: images must be floating point RGB (float32 in [0, 1]), got "
+                    f"dtype {images.dtype} (convert uint8 with images.astype(np.float32) / 255)")
   if shape[1] < min_size or shape[2] < min_size:
     raise ValueError(f"{model_name}: images must be at least {min_size}x{min_size}, "
                      f"got {shape[1]}x{shape[2]}")
+  check_image_values(images, model_name)
+
+
+@jax.jit
+def _image_range(images):
+  """(min, max) float32 [2]; NaN propagates into both, inf into one."""
+  return jnp.stack([jnp.min(images), jnp.max(images)]).astype(jnp.float32)
+
+
+def check_image_values(images, where: str) -> None:
+  """Raises unless the values of concrete ``images`` look like RGB in [0, 1]; tracers pass.
+
+  Costs a min and a max (NaN and inf show in them; they are counted only when present): on
+  the host for NumPy, in one small jitted reduction for a ``jax.Array``, whose two scalars are
+  fetched, which waits for the array (fine for eager calls; under ``jit`` nothing runs).
+
+  Args:
+    images: float [N,H,W,3] (NumPy, ``jax.Array`` or a tracer).
+    where: prefix of the error messages.
+
+  Raises:
+    ValueError: NaN or inf values (their counts), values above ``IMAGE_MAX`` (0-255 images:
+      divide by 255) or below ``IMAGE_MIN`` (already mean/std-normalised: the models
+      normalise themselves).
+  """
+  if isinstance(images, jax.core.Tracer) or not getattr(images, "size", 0):
+    return
+  if isinstance(images, jax.Array):
+    lo, hi = np.asarray(_image_range(images).addressable_data(0))
+  else:
+    images = np.asarray(images)
+    lo, hi = images.min(), images.max()
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    # Only on the error path: the values are brought to this host to be counted.
+    x = np.asarray(images) if getattr(images, "is_fully_addressable", True) else np.concatenate(
+        [np.asarray(shard.data).ravel() for shard in images.addressable_shards])
+    nan, inf = int(np.count_nonzero(np.isnan(x))), int(np.count_nonzero(np.isinf(x)))
+    counts = (f"{nan} NaN and {inf} inf values (of {x.size})" if nan or inf else
+              "NaN or inf values (in another process's rows of the global batch)")
+    raise ValueError(f"{where}: images hold {counts}; find where the data pipeline produces "
+                     "them (a failed decode, a division by zero) or replace them with "
+                     "np.nan_to_num")
+  # Negative values first: normalised images also exceed IMAGE_MAX, 0-255 ones are never < 0.
+  if lo < IMAGE_MIN:
+    raise ValueError(f"{where}: images go down to {float(lo):.4g}: they look mean/std-"
+                     "normalised, but the models take raw RGB in [0, 1] and normalise "
+                     "themselves: pass the images before normalisation")
+  if hi > IMAGE_MAX:
+    raise ValueError(f"{where}: images look like 0-255 (max {float(hi):.4g}), but the models "
+                     "take RGB in [0, 1]: divide by 255 (images / 255.0)")
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype=jnp.float32):

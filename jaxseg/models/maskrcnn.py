@@ -46,7 +46,8 @@ from jaxseg.models.detection.heads import (FastRCNNPredictor, MaskRCNNHeads, Mas
 from jaxseg.models.detection.paste import paste_masks, paste_masks_jax
 from jaxseg.models.registry import register
 
-__all__ = ["MaskRCNN", "maskrcnn", "paste_masks", "paste_masks_jax", "TINY", "maskrcnn_tiny",
+__all__ = ["MaskRCNN", "maskrcnn", "check_target_values", "paste_masks", "paste_masks_jax",
+           "TINY", "maskrcnn_tiny",
            "maskrcnn_resnet18_fpn", "maskrcnn_resnet34_fpn", "maskrcnn_resnet50_fpn",
            "maskrcnn_resnet101_fpn", "maskrcnn_resnet50_fpn_coco_v1"]
 
@@ -56,6 +57,80 @@ MASK_SIZE = roi_heads.MASK_SIZE
 CANVAS_MULTIPLE = 32
 TARGET_KEYS = ("boxes", "box_classes", "instance_masks")
 MASK_SUPERVISION = ("masks", "boxes")
+
+
+def _concrete(x) -> bool:
+  """Whether ``x``'s values can be read on this host (not a tracer, every shard local)."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
+def check_target_values(targets, image_size: Tuple[int, int], num_classes: int, *,
+                        where: str = "maskrcnn") -> None:
+  """Host-side check of the values of a batch's gt boxes and classes (NumPy).
+
+  Every slot with ``box_classes >= 0`` is a real object: its class must be in 1..C-1 (0 is the
+  background) and its box an inclusive pixel box (the data convention, module docstring)
+  inside the canvas: ``0 <= y0 <= y1 <= H-1`` and ``0 <= x0 <= x1 <= W-1``. Padding slots
+  hold -1 and any box. The model calls this from ``__call__`` when the targets are concrete;
+  under ``jit`` they are tracers, so the trainer calls it on the host batch.
+
+  Args:
+    targets: dict with ``boxes`` float [N,M,4] (y0, x0, y1, x1) and ``box_classes`` int
+      [N,M] (-1 = padding); NumPy arrays or fully addressable ``jax.Array``s.
+    image_size: (H, W) of the canvas.
+    num_classes: C, background included.
+    where: prefix of the error messages.
+
+  Raises:
+    ValueError: a class below -1, equal to 0 or >= C; a non-finite, inverted or out-of-image
+      box of a real slot; ``box_classes`` not shaped like ``boxes[..., 0]``.
+  """
+  boxes = np.asarray(targets["boxes"], np.float64)
+  classes = np.asarray(targets["box_classes"]).astype(np.int64)
+  if boxes.ndim != 3 or boxes.shape[-1] != 4 or classes.shape != boxes.shape[:2]:
+    raise ValueError(f"{where}: targets['boxes'] must be [N,M,4] and targets['box_classes'] "
+                     f"[N,M], got {boxes.shape} and {classes.shape}")
+  h, w = image_size
+  classes_help = (f"object classes are 1..{num_classes - 1} (num_classes={num_classes} counts "
+                  "the background), -1 pads")
+
+  def first(mask):
+    i, j = np.argwhere(mask)[0]
+    return f"{int(np.count_nonzero(mask))} slot(s), the first at image {i}, slot {j}"
+
+  below = classes < -1
+  if below.any():
+    raise ValueError(f"{where}: targets['box_classes'] has {np.unique(classes[below])[:8].tolist()}"
+                     f" ({first(below)}); {classes_help}")
+  if (classes == 0).any():
+    raise ValueError(f"{where}: targets['box_classes'] 0 is the background class "
+                     f"({first(classes == 0)}); {classes_help}")
+  above = classes >= num_classes
+  if above.any():
+    raise ValueError(f"{where}: targets['box_classes'] has {np.unique(classes[above])[:8].tolist()}"
+                     f" >= num_classes ({first(above)}); {classes_help}")
+  real = classes >= 0
+  y0, x0, y1, x1 = (boxes[..., k] for k in range(4))
+
+  def box_at(mask):
+    i, j = np.argwhere(mask)[0]
+    return (f"{tuple(float(v) for v in boxes[i, j])} at image {i}, slot {j} "
+            f"({int(np.count_nonzero(mask))} such box(es))")
+
+  nonfinite = real & ~np.isfinite(boxes).all(-1)
+  if nonfinite.any():
+    raise ValueError(f"{where}: targets['boxes'] has a non-finite box {box_at(nonfinite)}")
+  inverted = real & ((y0 > y1) | (x0 > x1))
+  if inverted.any():
+    raise ValueError(f"{where}: targets['boxes'] has an inverted box {box_at(inverted)}: boxes "
+                     "are (y0, x0, y1, x1) with y0 <= y1 and x0 <= x1 (not (x0, y0, x1, y1), "
+                     "not (y, x, height, width))")
+  outside = real & ((y0 < 0) | (x0 < 0) | (y1 > h - 1) | (x1 > w - 1))
+  if outside.any():
+    raise ValueError(f"{where}: targets['boxes'] has a box outside the {h}x{w} image "
+                     f"{box_at(outside)}: boxes are inclusive pixel boxes (y0, x0, y1, x1) with "
+                     f"0 <= y0 <= y1 <= {h - 1} and 0 <= x0 <= x1 <= {w - 1}; clip them to the "
+                     "image (an exclusive end y1 = H becomes H - 1)")
 
 
 class MaskRCNN(nn.Module):
@@ -218,6 +293,8 @@ class MaskRCNN(nn.Module):
                        f"{tuple(classes.shape)}")
     if not jnp.issubdtype(classes.dtype, jnp.integer):
       raise TypeError(f"maskrcnn: targets['box_classes'] must be integer, got {classes.dtype}")
+    if _concrete(boxes) and _concrete(classes):
+      check_target_values({"boxes": boxes, "box_classes": classes}, (h, w), self.num_classes)
     if self.mask_supervision == "boxes":
       return {"boxes": boxes, "box_classes": classes}
     masks = targets["instance_masks"]

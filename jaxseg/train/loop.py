@@ -442,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       label_kinds=config.get("label_kinds", None), **dict(config.get("augment", None) or {}))
   if not pmap:  # batches travel to the devices while the previous step runs
     batches = sharding.prefetch_to_device(
-        batches, mesh, check=lambda b: step_lib.validate_batch(b, num_classes))
+        batches, mesh, check=lambda b: step_lib.validate_batch(b, num_classes, instance=instance))
 
   writer = MetricWriter(workdir, enabled=is_main)
   pbar = _progress(num_steps, start_step, is_main)

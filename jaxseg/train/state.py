@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from jaxseg.models import layers
+
 
 class TrainState(train_state.TrainState):
   """``flax.training.train_state.TrainState`` that also carries ``batch_stats``.
@@ -20,17 +22,20 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def check_images(images) -> None:
-  """Raise a clear error unless ``images`` is float [N,H,W,3] (values expected in [0, 1])."""
-  shape = getattr(images, "shape", None)
-  dtype = getattr(images, "dtype", None)
-  if shape is None or len(shape) != 4:
-    raise ValueError(f"images must be a float array [N,H,W,3]; got shape {shape}")
-  if shape[-1] != 3:
-    raise ValueError(f"images must have 3 (RGB) channels in the last axis; got shape {shape}")
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"images must be float32 in [0, 1]; got dtype {dtype} "
-                    "(convert uint8 images with images / 255.0)")
+def check_images(images, where: str = "jaxseg.train") -> None:
+  """Raise a clear error unless ``images`` is float [N,H,W,3] RGB in [0, 1].
+
+  The models' own check (:func:`jaxseg.models.layers.check_images`): shape and dtype always,
+  values (NaN/inf, 0-255, mean/std-normalised) when ``images`` is concrete. Inside the jitted
+  train step the model sees tracers and cannot check values, so ``create_train_state`` and the
+  trainer's ``validate_batch`` call this on the host batch before the step runs. A
+  ``jax.Array`` batch costs one small reduction whose result is fetched.
+
+  Args:
+    images: [N,H,W,3] NumPy array or ``jax.Array``.
+    where: prefix of the error messages.
+  """
+  layers.check_images(images, where)
 
 
 def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation,

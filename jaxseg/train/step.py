@@ -102,18 +102,12 @@ def model_takes_targets(apply_fn: Callable) -> bool:
   return bool(getattr(getattr(apply_fn, "__self__", None), "takes_targets", False))
 
 
-def _label_range(key: str, num_classes: int):
-  """(lowest valid value, text of the valid set) of ``batch[key]``."""
+def _label_spec(key: str) -> Dict:
+  """``low``/``ignore_index`` of ``batch[key]`` for ``_common.bad_labels``/``label_error``:
+  label maps in [0, C) or 255, ``box_classes`` in [-1, C) (-1 = padding)."""
   if key == "box_classes":
-    return -1, f"[-1, {num_classes}) (-1 = padding)"
-  return 0, f"[0, {num_classes}) ({IGNORE_INDEX} is the only ignore value)"
-
-
-def _out_of_range(key: str, labels, num_classes: int):
-  """Bool mask of ``labels`` (NumPy or jnp) outside the valid set of ``batch[key]``."""
-  low, _ = _label_range(key, num_classes)
-  bad = (labels < low) | (labels >= num_classes)
-  return bad if key == "box_classes" else bad & (labels != IGNORE_INDEX)
+    return {"low": -1, "ignore_index": None}
+  return {"low": 0, "ignore_index": IGNORE_INDEX}
 
 
 def _raise_out_of_range(key: str, labels: np.ndarray, num_classes: int, count=None) -> None:
@@ -122,14 +116,14 @@ def _raise_out_of_range(key: str, labels: np.ndarray, num_classes: int, count=No
   ``count`` is the number of bad entries found over the whole global batch when ``labels``
   are only this process's rows (multi-host): the bad ones may live on another process.
   """
-  bad = _out_of_range(key, labels, num_classes)
-  _, valid = _label_range(key, num_classes)
-  if bad.any():
-    vals = np.unique(labels[bad])[:8].tolist()
-    raise ValueError(f"batch['{key}'] has labels {vals} outside {valid}")
+  spec = _label_spec(key)
+  if _common.bad_labels(labels, num_classes, **spec).any():
+    raise ValueError(_common.label_error(f"batch['{key}']", "train step", labels, num_classes,
+                                         **spec))
   if count:
-    raise ValueError(f"batch['{key}'] has {count} labels outside {valid} (in another "
-                     "process's rows of the global batch)")
+    raise ValueError(f"batch['{key}'] has {count} labels outside "
+                     f"{_common.valid_label_text(num_classes, **spec)} (in another process's "
+                     "rows of the global batch)")
 
 
 _RANGE_KEYS = _LABEL_KEYS + ("box_classes",)
@@ -138,10 +132,12 @@ _RANGE_KEYS = _LABEL_KEYS + ("box_classes",)
 @functools.partial(jax.jit, static_argnames="num_classes")
 def _count_out_of_range(labels: Dict[str, jax.Array], num_classes: int) -> Dict[str, jax.Array]:
   """Per key, the number of bad entries of a device batch (int32 scalars, replicated)."""
-  return {k: jnp.sum(_out_of_range(k, v, num_classes), dtype=jnp.int32) for k, v in labels.items()}
+  return {k: jnp.sum(_common.bad_labels(v, num_classes, **_label_spec(k)), dtype=jnp.int32)
+          for k, v in labels.items()}
 
 
-def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
+def validate_batch(batch: Dict, num_classes: Optional[int] = None, *,
+                   instance: bool = False) -> None:
   """Checks that give a clear error instead of a silently wrong (NaN) step.
 
   Checks image rank/channels/dtype, label shapes and dtypes and, when ``num_classes`` is
@@ -190,6 +186,15 @@ def validate_batch(batch: Dict, num_classes: Optional[int] = None) -> None:
     raise ValueError(f"batch['valid'] must have shape {(n, h, w)}; got {tuple(batch['valid'].shape)}")
   if num_classes is not None:
     _check_label_ranges(batch, num_classes)
+    if instance and "boxes" in batch and "box_classes" in batch:
+      _check_instance_targets(batch, num_classes)
+
+
+def _check_instance_targets(batch: Dict, num_classes: int) -> None:
+  from jaxseg.models.maskrcnn import check_target_values
+  targets = {k: shd.to_local_numpy(batch[k]) for k in ("boxes", "box_classes")}
+  check_target_values(targets, tuple(batch["image"].shape[1:3]), num_classes,
+                      where="train step")
 
 
 def _check_label_ranges(batch: Dict, num_classes: int) -> None:
@@ -237,6 +242,17 @@ def _loss_and_grads(state: TrainState, batch, rng, loss_fn, aux_weight, pass_ste
   if has_aux:
     metrics.update(main_loss=main, aux_loss=aux)
   return grads, batch_stats, metrics
+
+
+def _traced_with_labels_checked(fn: Callable) -> Callable:
+  """``fn`` traced inside ``_common.labels_checked()``: the steps validate every batch on the
+  host before dispatch (:func:`validate_batch`), so the losses add no range check of their own
+  (a reduction and a host callback per step)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with _common.labels_checked():
+      return fn(*args, **kwargs)
+  return traced
 
 
 def train_step_fn(state: TrainState, batch, rng, *, loss_fn: Callable, aux_weight: float,
@@ -353,8 +369,8 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
     return isinstance(batch, dict) and any(k in batch for k in _RANGE_KEYS)
 
   if parallel == "pmap":
-    step = functools.partial(_pmap_step_fn, loss_fn=loss_seen, aux_weight=aux_weight,
-                             pass_step=pass_step)
+    step = _traced_with_labels_checked(functools.partial(
+        _pmap_step_fn, loss_fn=loss_seen, aux_weight=aux_weight, pass_step=pass_step))
     pmapped = jax.pmap(step, axis_name=PMAP_AXIS, donate_argnums=(0,) if donate else ())
     n_dev = jax.local_device_count()
 
@@ -367,15 +383,17 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       # One key per device so dropout masks differ across shards of the batch.
       rngs = jax.random.split(rng, n_dev)
       if needs_range_check(batch):
-        _check_label_ranges(batch, classes(lambda: pmapped.lower(state, split, rngs)))
+        c = classes(lambda: pmapped.lower(state, split, rngs))
+        if c is not None:
+          validate_batch(batch, c, instance=model_takes_targets(state.apply_fn))
       state, metrics = pmapped(state, split, rngs)
       return state, jax.tree.map(lambda m: m[0], metrics)
 
     return pmap_train_step
 
   mesh = shd.make_mesh() if mesh is None else mesh
-  step = functools.partial(train_step_fn, loss_fn=loss_seen, aux_weight=aux_weight,
-                           pass_step=pass_step)
+  step = _traced_with_labels_checked(functools.partial(
+      train_step_fn, loss_fn=loss_seen, aux_weight=aux_weight, pass_step=pass_step))
   repl = shd.replicated(mesh)
   jitted = jax.jit(step, in_shardings=(repl, shd.data_sharding(mesh), repl),
                    out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
@@ -390,7 +408,11 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
     sharded = shd.shard_batch(batch, mesh)
     if check_batches and needs_range_check(batch):
-      _check_label_ranges(batch, classes(lambda: jitted.trace(state, sharded, rng)))
+      c = classes(lambda: jitted.trace(state, sharded, rng))
+      if c is not None:
+        _check_label_ranges(batch, c)
+        if model_takes_targets(state.apply_fn) and "boxes" in batch and "box_classes" in batch:
+          _check_instance_targets(batch, c)
     return jitted(state, sharded, rng)
 
   train_step.jitted = jitted

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the problem."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -73,3 +74,17 @@ def test_create_train_state_checks_images():
   with pytest.raises(ValueError, match=r"\[N,H,W,3\]"):
     jaxseg.train.create_train_state(jax.random.key(0), model, optax.sgd(0.1),
                                     np.zeros((16, 16, 3), np.float32))
+
+
+def test_the_step_traces_no_label_callback_of_its_own(setup):
+  """The step checks batches on the host, so the losses inside it skip their traced range check
+  (a reduction and a host callback per step); called alone under jit, the loss keeps it."""
+  from tests.models.models_testutil import jaxpr_equations
+  state, step = setup
+  batch = {"image": np.zeros((2, 16, 16, 3), np.float32), "mask": np.zeros((2, 16, 16), np.int32)}
+  sharded = jaxseg.train.shard_batch(batch, step.mesh)
+  traced = step.jitted.trace(state, sharded, jax.random.key(0))
+  names = {e.primitive.name for e in jaxpr_equations(traced.jaxpr.jaxpr)}
+  assert "debug_callback" not in names
+  alone = jax.make_jaxpr(jaxseg.losses.cross_entropy)(jnp.zeros((2, 16, 16, 3)), batch)
+  assert "debug_callback" in {e.primitive.name for e in jaxpr_equations(alone.jaxpr)}

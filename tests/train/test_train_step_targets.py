@@ -96,3 +96,21 @@ def test_instance_target_shapes_are_checked(key, shape, match):
   batch[key] = np.zeros(shape, batch[key].dtype)
   with pytest.raises(ValueError, match=match):
     step_lib.validate_batch(batch)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda b: b["box_classes"].__setitem__((0, 0), 0), r"box_classes.*0 is the background"),
+    (lambda b: b["boxes"].__setitem__((1, 0), [3, 3, 0, 0]), r"inverted"),
+    (lambda b: b["boxes"].__setitem__((2, 0), [0, 0, 3, 9]), r"outside|inside"),
+], ids=["background-class", "inverted", "outside"])
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_bad_gt_boxes_are_refused_before_the_step(edit, message, parallel):
+  batch = _batch(np.random.default_rng(0))
+  edit(batch)
+  step = step_lib.make_train_step(box_loss, donate=False, parallel=parallel)
+  with pytest.raises(ValueError, match=message):
+    step(_state(), batch, jax.random.key(0))
+  # Padding slots (class -1) may hold any box.
+  good = _batch(np.random.default_rng(0))
+  good["boxes"][:, 1] = [9, 9, -4, -4]
+  step(_state(), good, jax.random.key(0))
