@@ -8,6 +8,7 @@ A workdir that holds checkpoints is resumed exactly where it stopped.
 """
 import os
 import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,8 +16,12 @@ from ml_collections import config_flags
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                               "jaxseg", "configs", "unet_shapes.py")
 
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path.py or path.py:variant).",
-                                lock_config=True)
+try:  # the default recipe is loaded here, with any --config.key=value overrides applied
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
+                                  "Config file (path.py or path.py:variant).", lock_config=True)
+except Exception as e:  # noqa: BLE001 - a typo'd override: one line, not a traceback
+  from jaxseg import configs
+  sys.exit(f"train.py: error: {configs.explain_flag_error(e)}")
 flags.DEFINE_string("workdir", None, "Output folder (default: runs/<recipe>).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
@@ -30,6 +35,19 @@ def recipe_name(config_arg: str) -> str:
   path, _, variant = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   return f"{name}_{variant}" if variant else name
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a config that fails to load (a missing file, an unknown
+  variant, a typo'd --config.key) reported as one line instead of a traceback."""
+  from jaxseg import configs
+  try:
+    configs.check_config_argument(argv)
+    rest = FLAGS(argv)
+    FLAGS.config  # noqa: B018 - loads the file and applies the overrides now
+    return rest
+  except Exception as e:  # noqa: BLE001 - config_flags wraps every cause differently
+    sys.exit(f"train.py: error: {configs.explain_flag_error(e)}")
 
 
 def main(argv):
@@ -60,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

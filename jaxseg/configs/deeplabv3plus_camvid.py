@@ -12,6 +12,7 @@ on 2 CPU cores); ``:smoke`` for tests (tiny, from scratch).
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -74,5 +75,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_every = 6
     config.checkpoint_every = 6
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of deeplabv3plus_camvid; valid: cpu, smoke")
+    raise configs.unknown_variant("deeplabv3plus_camvid", arg, ('cpu', 'smoke'))
   return config

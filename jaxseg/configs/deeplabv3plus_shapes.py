@@ -12,6 +12,7 @@ Variants: ``:smoke`` for tests (tiny, from scratch).
 import ml_collections
 
 from jaxseg.configs import default_inference
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -61,5 +62,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_every = 6
     config.checkpoint_every = 6
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of deeplabv3plus_shapes; valid: smoke")
+    raise configs.unknown_variant("deeplabv3plus_shapes", arg, ('smoke',))
   return config

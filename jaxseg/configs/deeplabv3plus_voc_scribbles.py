@@ -28,6 +28,7 @@ Variants: ``:smoke`` for tests (tiny, from scratch, 2 steps).
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 TRAIN_AUG_IMAGES = 10582
 
@@ -82,5 +83,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 2
     config.num_overlays = 1
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of deeplabv3plus_voc_scribbles; valid: smoke")
+    raise configs.unknown_variant("deeplabv3plus_voc_scribbles", arg, ('smoke',))
   return config

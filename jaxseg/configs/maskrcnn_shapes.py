@@ -13,6 +13,7 @@ only (``mask_supervision="boxes"``: BoxInst's projection + pairwise terms on the
 masks, ``loss_kwargs.mask_loss="boxinst"``).
 """
 import ml_collections
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -74,5 +75,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.model_kwargs.mask_supervision = "boxes"
     config.loss_kwargs = dict(mask_loss="boxinst", warmup_steps=config.num_steps // 4)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of maskrcnn_shapes; valid: smoke, boxes")
+    raise configs.unknown_variant("maskrcnn_shapes", arg, ('smoke', 'boxes'))
   return config

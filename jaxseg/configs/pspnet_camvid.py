@@ -13,6 +13,7 @@ Variants: ``:cpu`` (ResNet-18, 120x160, batch 8, 1000 steps: the budget of
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -75,5 +76,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_every = 6
     config.checkpoint_every = 6
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of pspnet_camvid; valid: cpu, smoke")
+    raise configs.unknown_variant("pspnet_camvid", arg, ('cpu', 'smoke'))
   return config

@@ -24,6 +24,7 @@ Variants: ``:smoke`` for tests (ResNet-18 at 1/8 width, 2 steps).
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 TRAIN_IMAGES = 2975
 
@@ -84,5 +85,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.num_overlays = 1
     config.inference = default_inference()
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of pspnet_cityscapes; valid: smoke")
+    raise configs.unknown_variant("pspnet_cityscapes", arg, ('smoke',))
   return config

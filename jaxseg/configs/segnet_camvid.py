@@ -10,6 +10,7 @@ Variants: ``:cpu`` (1/3 resolution, quarter width) trains in about a quarter of 
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -71,5 +72,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_every = 10
     config.checkpoint_every = 10
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of segnet_camvid; valid: cpu, smoke")
+    raise configs.unknown_variant("segnet_camvid", arg, ('cpu', 'smoke'))
   return config

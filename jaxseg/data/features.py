@@ -172,12 +172,15 @@ def image_size_name(image_size) -> tuple[tuple[int, int] | None, str]:
   return image_size, ("native" if image_size is None else f"{image_size[0]}x{image_size[1]}")
 
 
-def require_dir(path, what: str) -> None:
-  """Raises `MissingDataError` naming ``path`` when it is not a folder."""
+def require_dir(path, what: str, layout: str = "") -> None:
+  """Raises `MissingDataError` naming ``path`` (and, given, the ``layout`` that goes there)
+  when it is not a folder."""
+  where = f"\n{layout}" if layout else ""
   if path is None:
-    raise MissingDataError(f"{what}: no manual_dir given; pass manual_dir=<folder> to load()")
+    raise MissingDataError(f"{what}: no manual_dir given; pass manual_dir=<folder> to load()"
+                           f"{where}")
   if not os.path.isdir(path):
-    raise MissingDataError(f"{what}: folder not found: {path}")
+    raise MissingDataError(f"{what}: folder not found: {path}{where}")
 
 
 def read_png(path: str, mode: str | None = None) -> np.ndarray:

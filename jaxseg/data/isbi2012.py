@@ -46,15 +46,23 @@ def make_config(num_validation: int = 5, image_size=None) -> IsbiConfig:
                     description=f"last {num_validation} slices held out, {size} resolution")
 
 
+LAYOUT = """\
+ISBI 2012 EM segmentation challenge training data (https://imagej.net/events/isbi-2012-
+segmentation-challenge: train-volume.tif and train-labels.tif), one PNG or TIFF per slice with
+equal names in two folders:
+  $JAXSEG_SHARED_DATA/isbi2012/      or pass --config.builder_kwargs.manual_dir=<folder>
+    image/0.png, image/1.png ...     label/0.png, label/1.png ...  (255 cell, 0 membrane)"""
+
+
 def slice_files(manual_dir) -> list[tuple[str, str]]:
   """(image, label) paths ordered by slice number; raises `MissingDataError` naming what lacks."""
-  features.require_dir(manual_dir, "isbi2012")
+  features.require_dir(manual_dir, "isbi2012", LAYOUT)
   image_dir, label_dir = os.path.join(manual_dir, "image"), os.path.join(manual_dir, "label")
-  features.require_dir(image_dir, "isbi2012")
-  features.require_dir(label_dir, "isbi2012")
+  features.require_dir(image_dir, "isbi2012", LAYOUT)
+  features.require_dir(label_dir, "isbi2012", LAYOUT)
   names = [n for n in os.listdir(image_dir) if n.lower().endswith((".png", ".tif", ".tiff"))]
   if not names:
-    raise features.MissingDataError(f"isbi2012: no images in {image_dir}")
+    raise features.MissingDataError(f"isbi2012: no images in {image_dir}\n{LAYOUT}")
 
   def number(name):
     digits = re.findall(r"\d+", name)
@@ -93,7 +101,7 @@ class JaxsegIsbi2012(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [make_config()]
   DEFAULT_CONFIG_NAME = "val5_native"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass manual_dir=<folder with image/ and label/>."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = LAYOUT
   CLASS_NAMES = CLASS_NAMES
   url_infos = None  # Nothing is downloaded (see JaxsegShapes.url_infos).
 

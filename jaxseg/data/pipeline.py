@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxseg.constants import IGNORE_INDEX
 from jaxseg.data import augment, features, weak_labels
+from jaxseg import names as names_lib
 
 LABEL_KINDS = features.LABEL_KINDS
 # Kinds computed from other keys when a source lacks them, and what each needs.
@@ -159,7 +160,7 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None, ca
   """
   key = _ALIASES.get(name, name)
   if key not in _DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; valid names: {names()}")
+    raise names_lib.unknown("dataset", name, names())
   module = importlib.import_module(_DATASETS[key])
   data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
   builder, download_config = module.make_builder(data_dir=data_dir, **builder_kwargs)

@@ -12,6 +12,7 @@ from jaxseg.losses.image_level import constrained_posterior, image_level_loss
 from jaxseg.losses.maskrcnn import maskrcnn_loss, maskrcnn_loss_terms
 from jaxseg.losses.scribble import scribble_em_loss, scribble_loss, scribble_pseudo_labels
 from jaxseg.losses.supervised import cross_entropy, partial_cross_entropy
+from jaxseg import names as names_lib
 
 _LOSSES = {
     "cross_entropy": cross_entropy,
@@ -33,6 +34,6 @@ def names():
 def get(name: str, **kwargs) -> Callable:
   """The loss registered as ``name`` with keyword hyperparameters bound."""
   if name not in _LOSSES:
-    raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(names())}")
+    raise names_lib.unknown("loss", name, names())
   fn = _LOSSES[name]
   return functools.partial(fn, **kwargs) if kwargs else fn

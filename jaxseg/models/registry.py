@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jaxseg import names as names_lib
 
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -93,7 +94,7 @@ def build(name: str, *, num_classes: int, **kwargs) -> nn.Module:
     ValueError: unknown name, invalid ``num_classes`` or ``dtype``.
   """
   if name not in _BUILDERS:
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}")
+    raise names_lib.unknown("model", name, names())
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   if "dtype" in kwargs:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxseg.models import backbones as backbones_lib
 from jaxseg.models import layers
+from jaxseg import names as names_lib
 
 
 class SegmentationModel(nn.Module):
@@ -74,7 +75,8 @@ def make_backbone(model: str, backbone: str, supported: Sequence[str], *,
     ValueError: naming the supported backbones / output strides of ``model``.
   """
   if backbone not in supported:
-    raise ValueError(f"{model}: backbone {backbone!r} is not supported; supported: "
+    raise ValueError(f"{model}: backbone {backbone!r} is not supported"
+                     f"{names_lib.did_you_mean(backbone, supported)}; supported: "
                      f"{', '.join(supported)}")
   if output_stride not in supported_strides:
     raise ValueError(f"{model}: output_stride {output_stride!r} is not supported; supported: "

@@ -164,7 +164,8 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: str) -> N
   node = config
   for p in parents:
     if p not in node:
-      raise KeyError(f"config has no entry {key!r}")
+      from jaxseg import names
+      raise KeyError(f"config has no entry {key!r}{names.did_you_mean(p, list(node.keys()))}")
     node = node[p]
   with config.unlocked():
     node[leaf] = parsed

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules built from a config."""
 import ml_collections
 import optax
+from jaxseg import names as names_lib
 
 
 def make_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -16,7 +17,7 @@ def make_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Sc
   elif kind == "constant":
     sched = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"unknown schedule {kind!r}; valid: poly, cosine, constant")
+    raise names_lib.unknown("schedule", kind, ("poly", "cosine", "constant"))
   if warmup:
     sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), sched], [warmup])
   return sched
@@ -34,7 +35,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   elif kind == "adamw":
     tx = optax.adamw(sched, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999), weight_decay=wd)
   else:
-    raise ValueError(f"unknown optimizer {kind!r}; valid: sgd, adamw")
+    raise names_lib.unknown("optimizer", kind, ("sgd", "adamw"))
   if config.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx
