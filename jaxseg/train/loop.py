@@ -367,6 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_main = jax.process_index() == 0
   # Everything that can fail on the user's input runs before the first write to the workdir.
   check_config_numbers(config)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices (set --config.batch_size to a multiple)")
   rng = jax.random.key(config.seed)
   train_src = load_split(config, config.train_split)
   eval_src = load_split(config, config.eval_split)
@@ -375,9 +378,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config, num_classes)
   num_steps = int(config.num_steps)
   image_hw = _image_size(config, train_src)
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
 
   init_rng, rng = jax.random.split(rng)
   state = initial_state(config, model, num_steps, image_hw, init_rng)
