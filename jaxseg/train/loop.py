@@ -14,7 +14,6 @@ R-CNN) recomputes each block in the backward pass to save activation memory.
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -72,9 +71,10 @@ class MetricWriter:
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Write ``workdir/config.json`` atomically (a crash never leaves half a file)."""
   os.makedirs(workdir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+  # A per-process name opened normally (mkstemp would make the file private, 0600).
+  tmp = os.path.join(workdir, f".{CONFIG_FILE}.{os.getpid()}.tmp")
   try:
-    with os.fdopen(fd, "w") as f:
+    with open(tmp, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
   except BaseException:
