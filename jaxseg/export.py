@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg import fileio
 from jaxseg.models import registry
 from jaxseg.train import step as step_lib
 
@@ -183,21 +183,8 @@ def save(exported: jax.export.Exported, path: str) -> None:
     raise FileNotFoundError(f"cannot save the exported model to {path}: folder {folder} does "
                             "not exist")
   data = exported.serialize()
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp makes the file private (0600); the export gets an ordinary file's mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_write(path) as f:
+    f.write(data)
 
 
 def load(path: str) -> jax.export.Exported:

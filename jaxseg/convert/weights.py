@@ -25,6 +25,8 @@ import tempfile
 import zipfile
 from typing import BinaryIO, Dict, NamedTuple, Optional
 
+from jaxseg import fileio
+
 
 class Weights(NamedTuple):
   """One known checkpoint.
@@ -149,31 +151,16 @@ def _copy_verified(src: BinaryIO, spec: Weights, dest_dir: str, origin: str) -> 
   """Streams ``src`` to a temp file in ``dest_dir``, checks its hash, then renames it."""
   os.makedirs(dest_dir, exist_ok=True)
   final = os.path.join(dest_dir, spec.filename)
-  # Same folder as the target, so os.replace is an atomic rename.
-  fd, tmp = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=dest_dir)
-  try:
+  with fileio.atomic_write(final) as out:  # a failed check below leaves no file
     digest = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out:
-      for chunk in iter(lambda: src.read(_CHUNK), b""):
-        digest.update(chunk)
-        out.write(chunk)
-      out.flush()
-      os.fsync(out.fileno())
+    for chunk in iter(lambda: src.read(_CHUNK), b""):
+      digest.update(chunk)
+      out.write(chunk)
     got = digest.hexdigest()
     if got != spec.sha256:
       raise ValueError(f"refusing {spec.filename} from {origin}: SHA-256 {got} does not match "
                        f"the expected {spec.sha256} (prefix {spec.sha256_prefix}); "
                        "nothing was written to the cache")
-    # mkstemp makes the file private (0600); a cache file gets the usual
-    # permissions of a newly created file instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return final
 
 

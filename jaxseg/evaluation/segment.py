@@ -22,7 +22,6 @@ import concurrent.futures
 import glob
 import os
 import time
-import uuid
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxseg import fileio
 from jaxseg.evaluation import visualize
 from jaxseg.evaluation.inference import _check_slide, _positive_pair, sliding_window
 
@@ -366,20 +366,9 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, *,
 
 
 def _save_png_atomic(img: Image.Image, path: str) -> None:
-  """Write ``img`` to ``path`` through a hidden temporary file in the same folder and
-  ``os.replace``: an interruption leaves either the old file or the new one, never a part."""
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "xb") as f:
-      img.save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  """Write ``img`` as a PNG that is either complete or absent (:func:`fileio.atomic_write`)."""
+  with fileio.atomic_write(path) as f:
+    img.save(f, format="PNG")
 
 
 def _check_palette(palette, num_classes: int) -> np.ndarray:

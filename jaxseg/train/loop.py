@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from jaxseg import data as data_lib
+from jaxseg import fileio
 from jaxseg import losses as losses_lib
 from jaxseg import models as models_lib
 from jaxseg.evaluation import metrics as metrics_lib
@@ -71,16 +72,8 @@ class MetricWriter:
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Write ``workdir/config.json`` atomically (a crash never leaves half a file)."""
   os.makedirs(workdir, exist_ok=True)
-  # A per-process name opened normally (mkstemp would make the file private, 0600).
-  tmp = os.path.join(workdir, f".{CONFIG_FILE}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_write(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
 
 
 # What makes two configs train the same arrays: remat and dtype change neither the parameters
