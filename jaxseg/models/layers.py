@@ -154,7 +154,10 @@ def check_image_values(images, where: str) -> None:
   if isinstance(images, jax.core.Tracer) or not getattr(images, "size", 0):
     return
   if isinstance(images, jax.Array):
-    lo, hi = np.asarray(_image_range(images).addressable_data(0))
+    extremes = _image_range(images)
+    if isinstance(extremes, jax.core.Tracer):
+      return  # a constant closed over by a function being traced: nothing runs now
+    lo, hi = np.asarray(extremes.addressable_data(0))
   else:
     images = np.asarray(images)
     lo, hi = images.min(), images.max()

@@ -107,7 +107,7 @@ def test_registry_names_and_errors():
   bound = losses.get("box_loss", mode="bbox_seg")
   assert isinstance(bound, functools.partial) and bound.keywords == {"mode": "bbox_seg"}
   assert losses.get("crf_pairwise") is losses.crf_pairwise
-  with pytest.raises(ValueError, match="unknown loss 'nope'; valid names: box_loss"):
+  with pytest.raises(ValueError, match="unknown loss 'nope'; valid: box_loss"):
     losses.get("nope")
 
 

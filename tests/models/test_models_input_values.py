@@ -110,6 +110,19 @@ def test_jit_and_export_skip_values_and_hold_no_callback(unet):
   assert exported.out_avals[0].shape == (N, H, W, 3)
 
 
+def test_device_images_closed_over_by_a_traced_function_are_not_checked(unet):
+  """A concrete jax.Array captured as a constant inside jit/grad is traced, not run: the check
+  must not try to fetch a value (it did: ConcretizationTypeError in the remat tests)."""
+  model, variables = unet
+  images = jnp.asarray(_rgb())
+
+  def loss(params):
+    return jnp.mean(model.apply({**variables, "params": params}, images, train=False))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  assert np.isfinite(float(value)) and jax.tree.leaves(grads)
+
+
 # ----------------------------------------------------------------------------
 # Mask R-CNN targets
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def test_build_returns_flax_modules(name):
 
 
 def test_unknown_name_lists_valid_ones():
-  with pytest.raises(ValueError, match=r"unknown model 'fcn4s'; valid names: .*fcn8s.*unet"):
+  with pytest.raises(ValueError, match=r"unknown model 'fcn4s' \(did you mean 'fcn8s'\?\); valid: .*fcn8s.*unet"):
     jaxseg.models.build("fcn4s", num_classes=2)
 
 
