@@ -11,8 +11,8 @@ run's saved config (e.g. ``--config.crf.enabled=True`` for dense-CRF post-proces
 ``jaxseg.evaluation.inference``).
 
 With ``--images DIR_OR_GLOB --out DIR`` the run segments JPEG/PNG files of any size instead of
-scoring a split: ``<stem>.png`` (paletted: pixel values are class ids) and
-``<stem>_overlay.png`` (image | overlay) go to ``--out``. Images larger than the window (the
+scoring a split: ``<stem>.png`` (paletted with the dataset's colours: pixel values are
+class ids) and ``<stem>_overlay.png`` (image | overlay) go to ``--out``. Images larger than the window (the
 training ``crop_size``, or ``--config.inference.window`` with ``mode=slide``, or ``--window``)
 are segmented with a sliding window; ``--window=whole`` runs every image in one pass.
 """
@@ -117,8 +117,10 @@ def segment_images(config):
   print(f"Segmenting {len(paths)} file(s) with checkpoint step {run.step} of {FLAGS.workdir}, "
         + ("whole images" if window["window"] is None else
            f"window {tuple(window['window'])}"), flush=True)
+  from jaxseg import data
   predict_lib.predict_files(paths, FLAGS.out, variables=run.variables, model=run.model,
-                            class_names=run.class_names, **window)
+                            class_names=run.class_names, palette=data.palette(config.dataset),
+                            **window)
   print("Label PNG values are class ids: "
         + ", ".join(f"{i} {name}" for i, name in enumerate(run.class_names)), flush=True)
 

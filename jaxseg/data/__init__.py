@@ -13,4 +13,4 @@ Builders: `jaxseg.data.shapes` (embedded procedural default), `jaxseg.data.camvi
 """
 from jaxseg.data import augment, scribblesup, shapes, weak_labels  # noqa: F401
 from jaxseg.data.pipeline import (  # noqa: F401
-    LABEL_KINDS, Source, default_data_dir, eval_batches, load, names, train_batches)
+    LABEL_KINDS, Source, default_data_dir, eval_batches, load, names, palette, train_batches)

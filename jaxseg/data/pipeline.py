@@ -137,6 +137,16 @@ def default_data_dir() -> str:
   return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
 
 
+def palette(name: str) -> "np.ndarray | None":
+  """The dataset's own class colours, uint8 [C,3], or None where it has none (then the
+  PASCAL VOC colours of ``jaxseg.evaluation.visualize.palette`` are used)."""
+  key = _ALIASES.get(name, name)
+  if key not in _DATASETS:
+    raise names_lib.unknown("dataset", name, names())
+  colours = getattr(importlib.import_module(_DATASETS[key]), "PALETTE", None)
+  return None if colours is None else np.asarray(colours, np.uint8)
+
+
 def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None, cache: bool = True,
          **builder_kwargs) -> Source:
   """Prepares (if needed, offline) and opens one split of a dataset.

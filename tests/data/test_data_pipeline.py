@@ -287,3 +287,22 @@ def test_source_scribble_coverage(tiny_shapes):
   expected = weak_labels.scribble_coverage([train[i]["scribble"] for i in range(5)])
   assert train.scribble_coverage(max_examples=5) == pytest.approx(expected)
   assert 0.005 < train.scribble_coverage(None) < 0.04
+
+
+def test_dataset_palettes_are_the_datasets_own_colours():
+  import jaxseg
+  from jaxseg.data import camvid, cityscapes
+  for name, module in (("camvid", camvid), ("cityscapes", cityscapes)):
+    pal = jaxseg.data.palette(name)
+    assert pal.dtype == np.uint8 and pal.shape == (module.NUM_CLASSES, 3)
+    assert len({tuple(c) for c in pal}) == module.NUM_CLASSES  # every class its own colour
+  # Spot checks against the sources: SegNet-Tutorial's Road and Car, cityscapesScripts' car/sky.
+  names = camvid.CLASS_NAMES
+  assert tuple(jaxseg.data.palette("camvid")[names.index("Road")]) == (128, 64, 128)
+  assert tuple(jaxseg.data.palette("camvid")[names.index("Car")]) == (64, 0, 128)
+  names = cityscapes.CLASS_NAMES
+  assert tuple(jaxseg.data.palette("cityscapes")[names.index("car")]) == (0, 0, 142)
+  assert tuple(jaxseg.data.palette("cityscapes")[names.index("sky")]) == (70, 130, 180)
+  assert jaxseg.data.palette("shapes") is None  # the VOC colours are used
+  with pytest.raises(ValueError, match="did you mean 'camvid'"):
+    jaxseg.data.palette("camvd")

@@ -17,11 +17,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SMOKE = f"{REPO}/jaxseg/configs/unet_shapes.py:smoke"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _smoke(data_dir, **over):
   config = unet_shapes.get_config("smoke")
   config.data_dir = data_dir

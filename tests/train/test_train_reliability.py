@@ -16,15 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxseg.configs import unet_shapes
-from jaxseg.train import CheckpointError, Checkpointer, CheckpointWarning, loop
+from jaxseg.train import CheckpointError, CheckpointWarning, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMOKE = f"{REPO}/jaxseg/configs/unet_shapes.py:smoke"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
 
 
 def _smoke(data_dir, **over):
