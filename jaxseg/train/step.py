@@ -184,10 +184,17 @@ def validate_batch(batch: Dict, num_classes: Optional[int] = None, *,
                        f"got {tuple(inst.shape)}")
   if "valid" in batch and tuple(batch["valid"].shape) != (n, h, w):
     raise ValueError(f"batch['valid'] must have shape {(n, h, w)}; got {tuple(batch['valid'].shape)}")
-  if num_classes is not None:
-    _check_label_ranges(batch, num_classes)
-    if instance and "boxes" in batch and "box_classes" in batch:
-      _check_instance_targets(batch, num_classes)
+  _check_values(batch, num_classes, instance)
+
+
+def _check_values(batch: Dict, num_classes: Optional[int], instance: bool) -> None:
+  """The value part of :func:`validate_batch` (shapes and dtypes already checked): label
+  ranges and, for instance models, gt boxes; nothing when the class count is unknown."""
+  if num_classes is None:
+    return
+  _check_label_ranges(batch, num_classes)
+  if instance and "boxes" in batch and "box_classes" in batch:
+    _check_instance_targets(batch, num_classes)
 
 
 def _check_instance_targets(batch: Dict, num_classes: int) -> None:
@@ -383,9 +390,8 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       # One key per device so dropout masks differ across shards of the batch.
       rngs = jax.random.split(rng, n_dev)
       if needs_range_check(batch):
-        c = classes(lambda: pmapped.lower(state, split, rngs))
-        if c is not None:
-          validate_batch(batch, c, instance=model_takes_targets(state.apply_fn))
+        _check_values(batch, classes(lambda: pmapped.lower(state, split, rngs)),
+                      model_takes_targets(state.apply_fn))
       state, metrics = pmapped(state, split, rngs)
       return state, jax.tree.map(lambda m: m[0], metrics)
 
@@ -408,11 +414,8 @@ def make_train_step(loss_fn: Callable, *, mesh: Optional[Mesh] = None, parallel:
       validate_batch(batch)  # shapes and dtypes first: a clear error instead of a trace error
     sharded = shd.shard_batch(batch, mesh)
     if check_batches and needs_range_check(batch):
-      c = classes(lambda: jitted.trace(state, sharded, rng))
-      if c is not None:
-        _check_label_ranges(batch, c)
-        if model_takes_targets(state.apply_fn) and "boxes" in batch and "box_classes" in batch:
-          _check_instance_targets(batch, c)
+      _check_values(batch, classes(lambda: jitted.trace(state, sharded, rng)),
+                    model_takes_targets(state.apply_fn))
     return jitted(state, sharded, rng)
 
   train_step.jitted = jitted
